@@ -1,0 +1,199 @@
+"""The `rnnbench` command: run studies, watch them, report on them.
+
+    rnnbench run SPEC [--root DIR] [--workers N]     run (or resume) a study
+    rnnbench worker SPEC [--storage URL ...]         an extra worker, e.g. on another machine
+    rnnbench status SPEC                             trials per cell
+    rnnbench report STUDY                            tables, figures, index.html
+    rnnbench dashboard                               the MLflow UI over the study store
+    rnnbench list variants|tasks                     what exists
+    rnnbench bench                                   speed of every variant against nn.LSTM
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import click  # noqa: E402
+
+ROOT = click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
+                    show_default=True, help="Folder of the embedded study store.")
+STORAGE = click.option("--storage", default=None, metavar="URL",
+                       help="Optuna RDB storage shared by several machines, e.g. postgresql://user@host/db.")
+TRACKING = click.option("--tracking-uri", default=None, metavar="URI",
+                        help="MLflow tracking server shared by several machines, e.g. http://host:5000.")
+THREADS = click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+                       help="torch threads per worker.")
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"error: {self.message}", err=True)
+
+
+def user_errors(fn):
+    """Turn the project's user-facing errors into one line on stderr and exit code 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from studies.engine import StudyChanged
+        from studies.spec import SpecError
+        from studies.store import RootBusy
+        from tasks import TaskSettingError
+        try:
+            return fn(*args, **kwargs)
+        except (SpecError, StudyChanged, RootBusy, TaskSettingError, LookupError) as e:
+            raise UserError(str(e).strip("'\"")) from None
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """Benchmarks and ablation studies of recurrent cells on long-dependency tasks."""
+
+
+def _store(root, storage=None, tracking_uri=None):
+    from studies.store import Store
+    return Store(root, storage, tracking_uri)
+
+
+@cli.command()
+@click.argument("spec")
+@ROOT
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="Worker processes.")
+@THREADS
+@STORAGE
+@TRACKING
+@click.option("--stale-after", type=float, default=900, show_default=True,
+              help="Seconds without a heartbeat after which a remote worker's trial is closed as interrupted.")
+@user_errors
+def run(spec, root, workers, threads, storage, tracking_uri, stale_after):
+    """Run (or resume) the study in SPEC: a study file, or the name of a shipped one (e.g. quickstart)."""
+    from studies import spec as specs
+    from studies.engine import run_study
+    from studies.progress import Display
+
+    parsed, path, sha = specs.load(spec)
+    store = _store(root, storage, tracking_uri)
+    click.echo(f"study {parsed.name}: {len(specs.cells(parsed))} cells x {parsed.trials} trials "
+               f"(+{parsed.replicates} replicates each), {workers} worker(s), store {store.root}")
+    with Display(parsed) as display:
+        rows = run_study(parsed, path, sha, store, workers=workers, threads=threads, stale_after=stale_after,
+                         on_progress=display.update)
+    failed = sum(r.search["FAIL"] - r.search["interrupted"] + r.replicate["FAIL"] - r.replicate["interrupted"]
+                 for r in rows)
+    click.echo(f"done: {parsed.name}" + (f" ({failed} failed trials; see `rnnbench status`)" if failed else ""))
+    click.echo(f"report:    rnnbench report {parsed.name} --root {root}")
+    click.echo(f"dashboard: rnnbench dashboard --root {root}")
+
+
+@cli.command()
+@click.argument("spec")
+@ROOT
+@THREADS
+@STORAGE
+@TRACKING
+@user_errors
+def worker(spec, root, threads, storage, tracking_uri):
+    """Run trials of a study prepared by `rnnbench run` until it is done (start more on other machines)."""
+    from studies import spec as specs
+    from studies.engine import run_worker
+
+    parsed, _, sha = specs.load(spec)
+    try:
+        n = run_worker(parsed, sha, _store(root, storage, tracking_uri), threads)
+    except KeyboardInterrupt:
+        click.echo("worker stopped; its trial in hand was closed as interrupted", err=True)
+        sys.exit(130)
+    click.echo(f"worker done: {n} trials")
+
+
+@cli.command()
+@click.argument("spec")
+@ROOT
+@STORAGE
+@user_errors
+def status(spec, root, storage):
+    """Trials finished/pruned/failed/running per cell, best objective, replication progress."""
+    from studies import spec as specs
+    from studies.engine import progress
+    from studies.progress import status_table
+
+    parsed, _, _ = specs.load(spec)
+    store = _store(root, storage)
+    if not store.distributed and not (store.root / "optuna.journal").exists():
+        raise UserError(f"{store.root}: no study store here yet; run `rnnbench run {spec} --root {root}` first")
+    status_table(parsed, progress(parsed, store.optuna_storage()))
+
+
+@cli.command()
+@click.argument("study")
+@ROOT
+@TRACKING
+@user_errors
+def report(study, root, tracking_uri):
+    """Write DIR/reports/STUDY/: results.csv, figures/, index.html."""
+    from reports.build import build_report
+    from reports.collect import collect
+
+    store = _store(root, tracking_uri=tracking_uri)
+    if tracking_uri is None and not (store.root / "mlflow.db").exists():
+        raise UserError(f"{store.root}: no study store here; run a study first or pass --root")
+    client = store.mlflow_client()
+    table = collect(client, study)
+    exp = client.get_experiment_by_name(study)
+    note = exp.tags.get("mlflow.note.content", "").removeprefix("```yaml\n").removesuffix("\n```")
+    index = build_report(table, store.reports_dir(study), note)
+    click.echo(f"report: {index}")
+    click.echo(f"open it: xdg-open {index}   (or python -m http.server -d {index.parent})")
+
+
+@cli.command()
+@ROOT
+@TRACKING
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; keep loopback unless you mean it.")
+def dashboard(root, tracking_uri, port, host):
+    """Start the MLflow UI over the study store (Ctrl-C stops it)."""
+    store = _store(root, tracking_uri=tracking_uri)
+    uri = store.tracking_uri
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if tracking_uri is None:
+        cmd += ["--default-artifact-root", (store.root / "artifacts").as_uri()]
+    click.echo(f"MLflow UI: http://{host}:{port}  (store {uri}; Ctrl-C to stop)")
+    proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@cli.command("list")
+@click.argument("what", type=click.Choice(["variants", "tasks"]))
+def list_(what):
+    """List the variants or tasks a study file can name."""
+    if what == "variants":
+        from variants import VARIANTS
+        for v in VARIANTS.values():
+            click.echo(f"{v.name:14s} {v.description}  [{v.paper}]")
+    else:
+        from tasks import TASKS
+        for name, t in TASKS.items():
+            click.echo(f"{name:20s} {t.description}  [{t.paper}]")
+
+
+def main():
+    cli(prog_name="rnnbench")
+
+
+if __name__ == "__main__":
+    main()

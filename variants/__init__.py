@@ -1,0 +1,144 @@
+"""Recurrent cells under study, by short name.
+
+Every variant is an ``nn.Module`` with one interface, the one ``torch.nn.RNNBase`` has:
+
+    output, state = module(x, state=None)
+
+* ``x`` is **batch-first**: ``(batch, time, input_size)``; ``output`` is ``(batch, time, hidden_size)``,
+  the top layer's hidden output at every step.
+* ``state`` is the variant's recurrent state with a leading ``num_layers`` axis, as in torch:
+  a tensor ``h`` of shape ``(num_layers, batch, hidden_size)`` for cells without a memory cell
+  (rnn, gru, gru_cho, clockwork), a tuple ``(h, c)`` of such tensors for the LSTM family and depth_gated.
+  ``None`` means zeros.
+* Constructors take ``(input_size, hidden_size, num_layers=1, dropout=0.0, **switches)``;
+  ``dropout`` acts between stacked layers, as in torch.
+
+A variant registers itself with :func:`register` in the module that defines it; a study file names
+it by that short name. ``build_variant`` rejects switches the variant does not have.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class VariantInfo:
+    name: str
+    build: Callable[..., nn.Module]
+    description: str
+    paper: str
+    switches: dict[str, Any] = field(default_factory=dict)  # switch -> default value
+
+
+VARIANTS: dict[str, VariantInfo] = {}
+_CORE_ARGS = ("input_size", "hidden_size", "num_layers", "dropout")
+
+
+def register(name: str, *, description: str, paper: str, **preset: Any):
+    """Class decorator: make ``cls`` available to study files as ``name``.
+
+    ``preset`` fixes switches (e.g. ``register("nfg", ..., forget_gate=False)`` on the Greff LSTM);
+    a preset's switches can still be overridden from a study file.
+    The switches a variant accepts are the keyword-only arguments of its constructor (with defaults).
+    """
+
+    def deco(cls):
+        params = inspect.signature(cls.__init__).parameters
+        defaults = {k: p.default for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
+        unknown = set(preset) - set(defaults)
+        if unknown:
+            raise TypeError(f"preset {name!r} sets unknown switches {sorted(unknown)}")
+        if name in VARIANTS:
+            raise ValueError(f"variant {name!r} registered twice")
+
+        def build(input_size, hidden_size, num_layers=1, dropout=0.0, **switches):
+            return cls(input_size, hidden_size, num_layers=num_layers, dropout=dropout,
+                       **{**preset, **switches})
+
+        VARIANTS[name] = VariantInfo(name, build, description, paper, {**defaults, **preset})
+        return cls
+
+    return deco
+
+
+def get_variant(name: str) -> VariantInfo:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown variant {name!r}; known: {', '.join(sorted(VARIANTS))}") from None
+
+
+def check_switches(name: str, switches: dict[str, Any]) -> None:
+    """Raise ValueError naming the allowed switches if ``switches`` has one ``name`` lacks."""
+    allowed = get_variant(name).switches
+    unknown = sorted(set(switches) - set(allowed))
+    if unknown:
+        listed = ", ".join(sorted(allowed)) or "none"
+        raise ValueError(f"variant {name!r} has no switch {', '.join(map(repr, unknown))}; "
+                         f"allowed: {listed}")
+
+
+def build_variant(name: str, input_size: int, hidden_size: int, num_layers: int = 1,
+                  dropout: float = 0.0, **switches: Any) -> nn.Module:
+    check_switches(name, switches)
+    return get_variant(name).build(input_size, hidden_size, num_layers, dropout, **switches)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def hidden_for_param_budget(name: str, input_size: int, budget: int, num_layers: int = 1,
+                            output_size: int = 0, **switches: Any) -> int:
+    """The hidden size whose parameter count is closest to ``budget`` (ties: the smaller one).
+
+    Counted: the variant plus a linear head hidden -> ``output_size`` with bias (0: no head). Models are
+    built on the meta device (no memory, no init cost) and the size is found by bisection, since the count
+    grows with the hidden size. Sizes a variant rejects (clockwork: not a multiple of ``modules``) are
+    skipped: the search runs over multiples of the smallest size that builds.
+
+    >>> hidden_for_param_budget("lstm", input_size=10, budget=10_000, output_size=10)
+    43
+    """
+    check_switches(name, switches)
+
+    def count(hidden: int) -> int:
+        with torch.device("meta"):
+            model = build_variant(name, input_size, hidden, num_layers, **switches)
+        return count_parameters(model) + (hidden + 1) * output_size if output_size else count_parameters(model)
+
+    step = next((h for h in range(1, 1025) if _builds(name, input_size, h, num_layers, switches)), None)
+    if step is None:
+        raise ValueError(f"variant {name!r} builds with no hidden size up to 1024 for switches {switches}")
+    lo, hi = 1, 1  # in units of step
+    while count(hi * step) < budget:
+        lo, hi = hi, hi * 2
+    while lo < hi:  # smallest multiple whose count reaches the budget
+        mid = (lo + hi) // 2
+        if count(mid * step) >= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    if hi > 1 and budget - count((hi - 1) * step) <= count(hi * step) - budget:
+        hi -= 1
+    return hi * step
+
+
+def _builds(name, input_size, hidden, num_layers, switches) -> bool:
+    try:
+        with torch.device("meta"):
+            build_variant(name, input_size, hidden, num_layers, **switches)
+    except ValueError:
+        return False
+    return True
+
+
+# Importing the family modules registers their variants.
+# Order here is the order `rnnbench list variants` shows.
+from variants import elman, lstm, gru, depth_gated, clockwork  # noqa: E402,F401,I001

@@ -1,0 +1,122 @@
+"""Clockwork RNN (Koutník, Greff, Gomez, Schmidhuber 2014, "A Clockwork RNN").
+
+The H hidden units are split into g equal modules; module i has period T_i (default 2^i for i = 0..g-1,
+i.e. 1, 2, 4, ...; fastest first). At step t (counted from 0 at the start of every call, so every module
+updates at the first step)::
+
+    h_t^(i) = tanh(W_I^(i) x_t + b^(i) + Σ_{j >= i} W_H^(i,j) h_{t-1}^(j))   if t mod T_i == 0
+    h_t^(i) = h_{t-1}^(i)                                                   otherwise (kept exactly)
+
+Recurrent connections run only from slower (or equal-index) modules to faster ones, so W_H is block
+upper-triangular when modules are sorted fastest first; input connections (and any output head) are full.
+Only the blocks on and above the diagonal are parameters: ``weight_hh_l{k}_m{i}`` of shape
+(H/g, (g-i) H/g) holds module i's incoming row block, so a clockwork RNN has fewer parameters than an
+Elman RNN of the same width (equal for g = 1, where it *is* the Elman RNN). ``weight_ih_l{k}``,
+``bias_ih_l{k}``, ``bias_hh_l{k}`` are named and shaped as in torch.nn.RNN.
+
+Switches: ``modules`` (g; default 4, or len(periods)), ``periods`` (a non-decreasing list of positive ints,
+one per module). hidden_size must be divisible by g.
+
+Speed: sorted fastest first, the modules whose period divides t form a prefix whenever each period divides
+the next (the default powers of two). Each step therefore multiplies only the active prefix's rows of W_H
+(on average about 2 of g modules for powers of two); for other period lists the rows up to the last active
+module are computed and the inactive ones in between are restored.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from variants import register
+
+
+@lru_cache(maxsize=64)
+def _schedule(periods: tuple[int, ...], module_size: int, steps: int):
+    """Per step: (rows to recompute, the active modules among them or None when all of them are)."""
+    plan = []
+    for t in range(steps):
+        active = [i for i, p in enumerate(periods) if t % p == 0]
+        n = (active[-1] + 1) if active else 0
+        plan.append((n * module_size, None if len(active) == n else tuple(active)))
+    return tuple(plan)
+
+
+@register("clockwork", description="Clockwork RNN: modules updated at periods 1, 2, 4, ...; slow-to-fast links",
+          paper="Koutník et al. 2014, A Clockwork RNN")
+class ClockworkRNN(nn.Module):
+    def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0, *, modules=None, periods=None):
+        super().__init__()
+        if periods is not None:
+            periods = tuple(periods)
+            if modules is not None and modules != len(periods):
+                raise ValueError(f"clockwork: modules={modules} but {len(periods)} periods {list(periods)}")
+            if not periods or any(not isinstance(p, int) or p < 1 for p in periods):
+                raise ValueError(f"clockwork: periods must be positive integers, got {list(periods)}")
+            if list(periods) != sorted(periods):
+                raise ValueError(f"clockwork: list periods fastest first (non-decreasing), got {list(periods)}")
+        else:
+            modules = 4 if modules is None else modules
+            if not isinstance(modules, int) or modules < 1:
+                raise ValueError(f"clockwork: modules must be a positive integer, got {modules!r}")
+            periods = tuple(2 ** i for i in range(modules))
+        g = len(periods)
+        if hidden_size % g:
+            raise ValueError(f"clockwork: hidden_size={hidden_size} is not divisible by modules={g}; "
+                             f"use a multiple of {g}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.dropout, self.periods, self.module_size = float(dropout), periods, hidden_size // g
+        m = self.module_size
+        for k in range(num_layers):
+            n_in = input_size if k == 0 else hidden_size
+            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(hidden_size, n_in)))
+            for i in range(g):
+                self.register_parameter(f"weight_hh_l{k}_m{i}", nn.Parameter(torch.empty(m, (g - i) * m)))
+            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(hidden_size)))
+            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(hidden_size)))
+        bound = 1.0 / math.sqrt(hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def extra_repr(self):
+        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, dropout={self.dropout}, "
+                f"periods={list(self.periods)}")
+
+    def recurrent_matrix(self, k=0):
+        """Layer k's full (H, H) W_H: module i's row block is zero left of column i * H/g."""
+        m, g = self.module_size, len(self.periods)
+        return torch.cat([F.pad(getattr(self, f"weight_hh_l{k}_m{i}"), (i * m, 0)) for i in range(g)], 0)
+
+    def forward(self, x, state=None):
+        if state is None:
+            state = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
+        plan = _schedule(self.periods, self.module_size, x.shape[1])
+        hs = []
+        for k in range(self.num_layers):
+            if k > 0:
+                x = F.dropout(x, self.dropout, self.training)
+            x, h = self._layer(k, x, state[k], plan)
+            hs.append(h)
+        return x, torch.stack(hs)
+
+    def _layer(self, k, x, h, plan):
+        H, m = self.hidden_size, self.module_size
+        w_ih = getattr(self, f"weight_ih_l{k}")
+        xp = F.linear(x.transpose(0, 1), w_ih, getattr(self, f"bias_ih_l{k}") + getattr(self, f"bias_hh_l{k}"))
+        w = self.recurrent_matrix(k)
+        w_t = {n: w[:n].t() for n in {n for n, _ in plan if n}}
+        masks = {a: torch.tensor([i // m in a for i in range(n)], device=x.device)
+                 for n, a in set(plan) if a is not None}
+        outs = []
+        for (n, active), xt in zip(plan, xp.unbind(0)):
+            if n:
+                new = torch.addmm(xt[:, :n], h, w_t[n]).tanh()
+                if active is not None:
+                    new = torch.where(masks[active], new, h[:, :n])
+                h = torch.cat([new, h[:, n:]], 1) if n < H else new
+            outs.append(h)
+        return torch.stack(outs, 1), h

@@ -1,0 +1,347 @@
+"""The LSTM family: torch's LSTM, peepholes, CIFG and Greff et al.'s ablations, as switches of one class.
+
+Equations for one layer at step t (x input, h hidden output, c cell, σ sigmoid, ⊙ elementwise)::
+
+    i = σ(W_i x_t + U_i h_{t-1} + p_i ⊙ c_{t-1} + b_i)            input gate     (i = 1 if not input_gate)
+    f = σ(W_f x_t + U_f h_{t-1} + p_f ⊙ c_{t-1} + b_f)            forget gate    (f = 1 if not forget_gate;
+                                                                                   f = 1 - i if coupled)
+    g = tanh(W_g x_t + U_g h_{t-1} + b_g)                          block input    (no tanh if not input_activation)
+    c_t = f ⊙ c_{t-1} + i ⊙ g
+    o = σ(W_o x_t + U_o h_{t-1} + p_o ⊙ c_t + b_o)                output gate    (o = 1 if not output_gate)
+    h_t = o ⊙ tanh(c_t)                                            (no tanh if not output_activation)
+
+* With every switch at its default this is exactly ``torch.nn.LSTM`` (Hochreiter & Schmidhuber 1997 with the
+  forget gate of Gers et al. 2000, no peepholes) and runs on torch's fused kernel (``torch.lstm``).
+* ``peephole``: the diagonal peepholes p_i, p_f, p_o of Gers & Schmidhuber 2000 ("Recurrent nets that time
+  and count"): i and f see c_{t-1}, o sees the updated c_t. Only gates that exist get one.
+* ``coupled`` (CIFG): f = 1 - i, so the forget gate has no weights. ``forget_bias`` then goes, negated, into
+  the input gate's bias (1 - σ(z) = σ(-z): it is the bias of f's pre-activation -z).
+* ``full_gate_recurrence`` (FGR, Greff et al. 2017): every gate also receives the previous activations of
+  all gates, z_gate += R_gate [i_{t-1}; f_{t-1}; o_{t-1}], one H x H matrix per (gate, gate) pair, 9 for the
+  full LSTM (``weight_gg``). The previous activations are zero at the first step of every call; they are
+  not part of the returned ``(h, c)`` state.
+* ``forget_bias`` initialises the forget gate's bias (Jozefowicz et al. 2015 recommend 1): it is written into
+  ``bias_ih``'s forget slice, ``bias_hh``'s is zeroed, on the native path too. Default 0 (torch's init).
+
+Greff, Srivastava, Koutník, Steunebrink, Schmidhuber 2017, "LSTM: A Search Space Odyssey": their vanilla
+LSTM *has* peepholes (preset ``greff``, the same equations as ``peephole``); ``nig``, ``nfg``, ``nog``,
+``niaf``, ``noaf``, ``np``, ``cifg`` (alias ``coupled``) and ``fgr`` each change one thing of it.
+``np`` is therefore ``torch.nn.LSTM`` and runs natively. Greff's networks have one bias per gate; we keep
+torch's two (``bias_ih`` + ``bias_hh``) so weights load from ``nn.LSTM`` state dicts unchanged.
+
+Parameters per layer k, named as in torch (gate rows in torch's order i, f, g, o, absent gates left out):
+``weight_ih_l{k}`` (G*H, in), ``weight_hh_l{k}`` (G*H, H), ``bias_ih_l{k}``, ``bias_hh_l{k}`` (G*H),
+``weight_peephole_l{k}`` (S, H) for the S sigmoid gates, ``weight_gg_l{k}`` (S*H, S*H) with FGR.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from variants import register
+
+_GREFF = "Greff et al. 2017, LSTM: A Search Space Odyssey"
+
+
+class LSTM(nn.Module):
+    """Batch-first LSTM family; see the module docstring for the equations and switches.
+
+    ``self.native`` is True when the switches leave torch's equations unchanged; the fused kernel is used
+    then. Setting it to False forces the step-by-step loop (the tests do, to prove the loop is right).
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0, *,
+                 input_gate=True, forget_gate=True, output_gate=True, input_activation=True,
+                 output_activation=True, peephole=False, coupled=False, full_gate_recurrence=False,
+                 forget_bias=0.0):
+        super().__init__()
+        if coupled and not forget_gate:
+            raise ValueError("LSTM: coupled=True sets f = 1 - i but forget_gate=False sets f = 1; pick one")
+        if coupled and not input_gate:
+            raise ValueError("LSTM: coupled=True needs the input gate (f = 1 - i); input_gate=False sets i = 1")
+        if forget_bias and not forget_gate:
+            raise ValueError("LSTM: forget_bias has no effect with forget_gate=False")
+        sigmoid_gates = [n for n, on in (("i", input_gate), ("f", forget_gate and not coupled),
+                                         ("o", output_gate)) if on]
+        if (peephole or full_gate_recurrence) and not sigmoid_gates:
+            raise ValueError("LSTM: peephole/full_gate_recurrence need at least one gate")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.dropout = float(dropout)
+        self.input_gate, self.forget_gate, self.output_gate = input_gate, forget_gate, output_gate
+        self.input_activation, self.output_activation = input_activation, output_activation
+        self.peephole, self.coupled, self.full_gate_recurrence = peephole, coupled, full_gate_recurrence
+        self.forget_bias = float(forget_bias)
+        self.native = (input_gate and forget_gate and output_gate and input_activation and output_activation
+                       and not (peephole or coupled or full_gate_recurrence))
+
+        # Row blocks of the fused gate matrices, torch order i, f, g, o; absent gates take no rows.
+        self.gates = [g for g in ("i", "f", "g", "o") if g == "g" or g in sigmoid_gates]
+        self.sigmoid_gates = sigmoid_gates
+        H, G, S = hidden_size, len(self.gates), len(sigmoid_gates)
+        # The loop works in the layout [sigmoid gates (i, f, o order), g], so the sigmoid gates and the FGR
+        # inputs are contiguous; the weights are permuted into it once per call (rows of the torch layout).
+        loop_order = [self.gates.index(g) for g in sigmoid_gates + ["g"]]
+        self.register_buffer("_loop_rows", torch.tensor([j * H + r for j in loop_order for r in range(H)]),
+                             persistent=False)
+        for k in range(num_layers):
+            n_in = input_size if k == 0 else hidden_size
+            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(G * H, n_in)))
+            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(G * H, H)))
+            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(G * H)))
+            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(G * H)))
+            if peephole:
+                self.register_parameter(f"weight_peephole_l{k}", nn.Parameter(torch.empty(S, H)))
+            if full_gate_recurrence:
+                self.register_parameter(f"weight_gg_l{k}", nn.Parameter(torch.empty(S * H, S * H)))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """torch's init, U(-1/sqrt(H), 1/sqrt(H)) for everything, then the forget bias."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+        if self.forget_bias:
+            H = self.hidden_size
+            gate, sign = ("i", -1.0) if self.coupled else ("f", 1.0)
+            rows = slice(self.gates.index(gate) * H, (self.gates.index(gate) + 1) * H)
+            with torch.no_grad():
+                for k in range(self.num_layers):
+                    getattr(self, f"bias_ih_l{k}")[rows] = sign * self.forget_bias
+                    getattr(self, f"bias_hh_l{k}")[rows] = 0.0
+
+    def _slices(self):
+        """Column slices of gates i, f, g, o in the loop's layout (None for an absent gate)."""
+        H = self.hidden_size
+        at = {g: slice(j * H, (j + 1) * H) for j, g in enumerate(self.sigmoid_gates + ["g"])}
+        return at.get("i"), at.get("f"), at["g"], at.get("o")
+
+    def _peepholes(self, peep):
+        """p_i, p_f, p_o rows of the peephole weight (None where a gate or the peepholes are absent)."""
+        p = dict(zip(self.sigmoid_gates, peep.unbind(0))) if peep is not None else {}
+        return p.get("i"), p.get("f"), p.get("o")
+
+    def extra_repr(self):
+        on = {k: v for k, v in _switches(self).items() if v != LSTM_DEFAULTS[k]}
+        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+                f"dropout={self.dropout}, native={self.native}" + "".join(f", {k}={v}" for k, v in on.items()))
+
+    def forward(self, x, state=None):
+        B = x.shape[0]
+        if state is None:
+            z = x.new_zeros(self.num_layers, B, self.hidden_size)
+            state = (z, z)
+        h0, c0 = state
+        if self.native:
+            weights = [getattr(self, f"{n}_l{k}") for k in range(self.num_layers)
+                       for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            out, h, c = torch.lstm(x, (h0, c0), weights, True, self.num_layers, self.dropout,
+                                   self.training, False, True)
+            return out, (h, c)
+        x = x.transpose(0, 1)  # time-major inside: every step's slice is contiguous
+        hs, cs = [], []
+        for k in range(self.num_layers):
+            if k > 0:
+                x = F.dropout(x, self.dropout, self.training)
+            x, h, c = self._layer(k, x, h0[k], c0[k])
+            hs.append(h)
+            cs.append(c)
+        return x.transpose(0, 1), (torch.stack(hs), torch.stack(cs))
+
+    def _layer(self, k, x, h, c):
+        """One layer: the input projection of all steps in one matmul, then the recurrence."""
+        rows = self._loop_rows
+        b = (getattr(self, f"bias_ih_l{k}") + getattr(self, f"bias_hh_l{k}"))[rows]
+        xp = F.linear(x, getattr(self, f"weight_ih_l{k}")[rows], b)  # (T, B, G*H)
+        peep = getattr(self, f"weight_peephole_l{k}") if self.peephole else None
+        w_gg = getattr(self, f"weight_gg_l{k}") if self.full_gate_recurrence else None
+        return _Recurrence.apply(self, xp, h, c, getattr(self, f"weight_hh_l{k}")[rows], peep, w_gg)
+
+
+class _Recurrence(torch.autograd.Function):
+    """One LSTM-family layer's recurrence over precomputed input projections xp (T, B, G*H), gate layout
+    [sigmoid gates, g] (see ``LSTM._slices``), with hand-written backpropagation through time.
+
+    The forward pass runs without autograd bookkeeping, in place in preallocated buffers. The backward pass
+    walks time in reverse computing only the pre-activation gradients dZ and the state gradients; the weight
+    gradients are then each one matmul over all steps, not T small ones. Every switch combination is checked
+    against autograd on a plain loop of the equations and by gradcheck in tests/test_variants.py.
+    """
+
+    @staticmethod
+    def forward(ctx, cell, xp, h0, c0, w_hh, peep, w_gg):
+        T, B, _ = xp.shape
+        H = cell.hidden_size
+        si, sf, sg, so = cell._slices()
+        pi, pf, po = cell._peepholes(peep)
+        SH = sg.start                                # the sigmoid gates come first
+        acts = torch.empty_like(xp)                  # gate activations: σ(i), σ(f), tanh(g) or g, σ(o)
+        cs = xp.new_empty(T + 1, B, H)               # c_{-1} = c0, c_0, ..., c_{T-1}
+        hs = xp.new_empty(T + 1, B, H)
+        cs[0], hs[0] = c0, h0
+        ys = xp.new_empty(T, B, H) if cell.output_activation else cs[1:]  # the cell output (tanh(c) or c)
+        w_hh_t = w_hh.t()
+        for t in range(T):
+            a, c_prev, c = acts[t], cs[t], cs[t + 1]
+            torch.addmm(xp[t], hs[t], w_hh_t, out=a)
+            if w_gg is not None and t > 0:
+                a[:, :SH].addmm_(acts[t - 1, :, :SH], w_gg.t())
+            i = f = None
+            if si is not None:
+                i = a[:, si]
+                if pi is not None:
+                    i.addcmul_(pi, c_prev)
+                i.sigmoid_()
+            if sf is not None:
+                f = a[:, sf]
+                if pf is not None:
+                    f.addcmul_(pf, c_prev)
+                f.sigmoid_()
+            g = a[:, sg]
+            if cell.input_activation:
+                g.tanh_()
+            if f is not None:
+                torch.mul(f, c_prev, out=c)
+            elif cell.coupled:                       # f = 1 - i
+                torch.addcmul(c_prev, i, c_prev, value=-1.0, out=c)
+            else:
+                c.copy_(c_prev)
+            if i is not None:
+                c.addcmul_(i, g)
+            else:
+                c.add_(g)
+            if cell.output_activation:
+                torch.tanh(c, out=ys[t])
+            if so is not None:
+                o = a[:, so]
+                if po is not None:
+                    o.addcmul_(po, c)
+                o.sigmoid_()
+                torch.mul(o, ys[t], out=hs[t + 1])
+            else:
+                hs[t + 1].copy_(ys[t])
+        ctx.cell = cell
+        ctx.save_for_backward(acts, cs, hs, ys if cell.output_activation else None, w_hh, peep, w_gg)
+        return hs[1:], hs[T].clone(), cs[T].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_hT, d_cT):
+        cell = ctx.cell
+        acts, cs, hs, ys, w_hh, peep, w_gg = ctx.saved_tensors
+        if ys is None:
+            ys = cs[1:]
+        T, B, GH = acts.shape
+        H = cell.hidden_size
+        si, sf, sg, so = cell._slices()
+        pi, pf, po = cell._peepholes(peep)
+        dZ = torch.empty_like(acts)                  # gradients of the gate pre-activations
+        dh = d_hT.clone() if d_hT is not None else hs.new_zeros(B, H)
+        dc = d_cT.clone() if d_cT is not None else hs.new_zeros(B, H)
+        SH = sg.start
+        da = hs.new_zeros(B, SH) if w_gg is not None else None  # FGR: d loss / d (this step's gate activations)
+        for t in reversed(range(T)):
+            if d_out is not None:
+                dh.add_(d_out[t])
+            a, dz, c_prev, y = acts[t], dZ[t], cs[t], ys[t]
+            i = a[:, si] if si is not None else None
+            f = a[:, sf] if sf is not None else None
+            g = a[:, sg]
+            if so is not None:
+                o, dzo = a[:, so], dz[:, so]
+                torch.mul(dh, y, out=dzo)
+                if da is not None:
+                    dzo.add_(da[:, so])
+                dzo.mul_(o - o * o)
+                dy = dh * o
+            else:
+                dy = dh
+            if cell.output_activation:
+                dc.addcmul_(dy, 1.0 - y * y)
+            else:
+                dc.add_(dy)
+            if po is not None:
+                dc.addcmul_(dzo, po)
+            dzg = dz[:, sg]
+            if i is not None:
+                torch.mul(dc, i, out=dzg)
+            else:
+                dzg.copy_(dc)
+            if cell.input_activation:
+                dzg.mul_(1.0 - g * g)
+            if i is not None:
+                dzi = dz[:, si]
+                torch.mul(dc, g, out=dzi)
+                if cell.coupled:
+                    dzi.addcmul_(dc, c_prev, value=-1.0)
+                if da is not None:
+                    dzi.add_(da[:, si])
+                dzi.mul_(i - i * i)
+            if f is not None:
+                dzf = dz[:, sf]
+                torch.mul(dc, c_prev, out=dzf)
+                if da is not None:
+                    dzf.add_(da[:, sf])
+                dzf.mul_(f - f * f)
+                dc.mul_(f)                            # now dc is d loss / d c_{t-1}
+            elif cell.coupled:
+                dc.mul_(1.0 - i)
+            if pi is not None:
+                dc.addcmul_(dzi, pi)
+            if pf is not None:
+                dc.addcmul_(dzf, pf)
+            torch.mm(dz, w_hh, out=dh)                # d loss / d h_{t-1}, before adding d_out[t-1]
+            if da is not None:
+                torch.mm(dz[:, :SH], w_gg, out=da)
+        flat = dZ.view(T * B, GH)
+        d_w_hh = flat.t() @ hs[:-1].reshape(T * B, H)
+        d_peep = d_w_gg = None
+        if peep is not None:
+            rows = []
+            for gate, sl in (("i", si), ("f", sf), ("o", so)):
+                if sl is not None:
+                    cell_seen = cs[1:] if gate == "o" else cs[:-1]  # o peeks at c_t, i and f at c_{t-1}
+                    rows.append((dZ[..., sl] * cell_seen).sum((0, 1)))
+            d_peep = torch.stack(rows)
+        if w_gg is not None:
+            d_w_gg = dZ[1:, :, :SH].reshape(-1, SH).t() @ acts[:-1, :, :SH].reshape(-1, SH)
+        return None, dZ, dh, dc, d_w_hh, d_peep, d_w_gg
+
+
+LSTM_DEFAULTS = dict(input_gate=True, forget_gate=True, output_gate=True, input_activation=True,
+                     output_activation=True, peephole=False, coupled=False, full_gate_recurrence=False,
+                     forget_bias=0.0)
+
+
+def _switches(m):
+    return {k: getattr(m, k) for k in LSTM_DEFAULTS}
+
+
+# Short names. Presets only fix switches; a study file may still set any switch on any of them.
+_reg = [
+    ("lstm", "LSTM with forget gate, no peepholes (torch.nn.LSTM; native kernel)",
+     "Hochreiter & Schmidhuber 1997; Gers et al. 2000", {}),
+    ("peephole", "LSTM with diagonal peepholes (i, f see c_{t-1}; o sees c_t)",
+     "Gers & Schmidhuber 2000", dict(peephole=True)),
+    ("greff", "Greff's vanilla LSTM: forget gate and peepholes (same equations as peephole)",
+     _GREFF, dict(peephole=True)),
+    ("cifg", "Coupled input-forget gate, f = 1 - i (Greff's CIFG: vanilla with peepholes)",
+     _GREFF, dict(peephole=True, coupled=True)),
+    ("coupled", "Alias of cifg: f = 1 - i, with peepholes", _GREFF, dict(peephole=True, coupled=True)),
+    ("nig", "Greff vanilla without input gate (i = 1)", _GREFF, dict(peephole=True, input_gate=False)),
+    ("nfg", "Greff vanilla without forget gate (f = 1)", _GREFF, dict(peephole=True, forget_gate=False)),
+    ("nog", "Greff vanilla without output gate (o = 1)", _GREFF, dict(peephole=True, output_gate=False)),
+    ("niaf", "Greff vanilla without input activation (g linear)", _GREFF,
+     dict(peephole=True, input_activation=False)),
+    ("noaf", "Greff vanilla without output activation (h = o * c)", _GREFF,
+     dict(peephole=True, output_activation=False)),
+    ("np", "Greff vanilla without peepholes (= torch.nn.LSTM; native kernel)", _GREFF, dict(peephole=False)),
+    ("fgr", "Greff vanilla with full gate recurrence (9 extra H x H matrices)", _GREFF,
+     dict(peephole=True, full_gate_recurrence=True)),
+]
+for _name, _desc, _paper, _preset in _reg:
+    register(_name, description=_desc, paper=_paper, **_preset)(LSTM)
