@@ -135,46 +135,72 @@ def status(spec, root, storage):
 
 
 @cli.command()
-@click.argument("study")
+@click.argument("study", required=False)
 @ROOT
+@STORAGE
 @TRACKING
+@click.option("--from", "source", type=click.Path(exists=True, path_type=Path), default=None, metavar="TABLE",
+              help="Regenerate from a saved report (its folder or its results.parquet) alone: no MLflow, no Optuna.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              help="Where to write the report. Default: ROOT/reports/STUDY, or the --from folder.")
+@click.option("--reference", default=None, metavar="VARIANT",
+              help="Variant label the statistics compare every other variant with. "
+                   "Default: the study file's `reference`, else lstm, else the first variant.")
 @user_errors
-def report(study, root, tracking_uri):
-    """Write DIR/reports/STUDY/: results.csv, figures/, index.html."""
-    from reports.build import build_report
-    from reports.collect import collect
+def report(study, root, storage, tracking_uri, source, out, reference):
+    """Write tables, statistics, figures and index.html for STUDY (or regenerate them with --from).
 
-    store = _store(root, tracking_uri=tracking_uri)
-    if tracking_uri is None and not (store.root / "mlflow.db").exists():
-        raise UserError(f"{store.root}: no study store here; run a study first or pass --root")
-    client = store.mlflow_client()
-    table = collect(client, study)
-    exp = client.get_experiment_by_name(study)
-    note = exp.tags.get("mlflow.note.content", "").removeprefix("```yaml\n").removesuffix("\n```")
-    index = build_report(table, store.reports_dir(study), note)
+    \b
+    rnnbench report STUDY [--root DIR]        collect from MLflow + Optuna, write ROOT/reports/STUDY/
+    rnnbench report --from TABLE --out DIR    redraw everything from a saved report, byte for byte
+    """
+    from reports import tables as saved
+    from reports.build import build_report, publish
+
+    if (study is None) == (source is None):
+        raise UserError("give a STUDY name or --from TABLE (a saved report folder), not both or neither")
+    if source is not None:
+        folder = saved.locate(source)
+        index = build_report(saved.load(folder), out or folder, reference, source=folder)
+    else:
+        from reports.collect import collect
+
+        store = _store(root, storage, tracking_uri)
+        if tracking_uri is None and not (store.root / "mlflow.db").exists():
+            raise UserError(f"{store.root}: no study store here; run a study first or pass --root")
+        optuna_storage = store.optuna_storage() if storage or (store.root / "optuna.journal").exists() else None
+        client = store.mlflow_client()
+        index = build_report(collect(client, study, optuna_storage), out or store.reports_dir(study), reference)
+        run_id = publish(client, study, index.parent)
+        click.echo(f"logged to MLflow: experiment {study}, run {run_id} (tag rnnbench.role=report)")
     click.echo(f"report: {index}")
     click.echo(f"open it: xdg-open {index}   (or python -m http.server -d {index.parent})")
 
 
 @cli.command()
 @ROOT
+@STORAGE
 @TRACKING
-@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--port", type=int, default=5000, show_default=True, help="Port of the MLflow UI.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; keep loopback unless you mean it.")
-def dashboard(root, tracking_uri, port, host):
-    """Start the MLflow UI over the study store (Ctrl-C stops it)."""
-    store = _store(root, tracking_uri=tracking_uri)
-    uri = store.tracking_uri
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    if tracking_uri is None:
-        cmd += ["--default-artifact-root", (store.root / "artifacts").as_uri()]
-    click.echo(f"MLflow UI: http://{host}:{port}  (store {uri}; Ctrl-C to stop)")
-    proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    try:
-        proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=20)
+@click.option("--optuna", "with_optuna", is_flag=True, help="Also start optuna-dashboard over the Optuna storage.")
+@click.option("--optuna-port", type=int, default=8080, show_default=True, help="Port of optuna-dashboard.")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="MLflow UI server processes (one is plenty for one person).")
+def dashboard(root, storage, tracking_uri, port, host, with_optuna, optuna_port, workers):
+    """Start the MLflow UI over the study store, and with --optuna optuna-dashboard (Ctrl-C stops both)."""
+    from reports import dashboard as dash
+
+    store = _store(root, storage, tracking_uri)
+    servers = [dash.mlflow_ui(store.tracking_uri, None if tracking_uri else (store.root / "artifacts").as_uri(),
+                              host, port, workers)]
+    if with_optuna:
+        journal = store.root / "optuna.journal"
+        if storage is None and not journal.exists():
+            raise UserError(f"{journal}: no Optuna storage here; run a study first or pass --root/--storage")
+        servers.append(dash.optuna_dashboard(storage or str(journal), host, optuna_port))
+    click.echo(f"store: {store.tracking_uri}" + (f" and {storage or journal}" if with_optuna else ""))
+    sys.exit(dash.serve(servers, click.echo))
 
 
 @cli.command("list")

@@ -1,87 +1,107 @@
-"""A study's report: tidy table, one figure per task, an HTML page. Regenerable from the table alone."""
+"""A study's report from its tables: tables (Parquet + CSV), summary and statistics, figures,
+manifest.json and index.html in one folder; and its copy in MLflow.
+
+    build_report(collect(client, study, storage), out)      # rnnbench report STUDY
+    build_report(tables.load(folder), out, source=folder)  # rnnbench report --from FOLDER --out OUT
+
+The second form reads nothing but the saved tables, and writes byte-identical files each time.
+"""
 
 from __future__ import annotations
 
-import html
+import hashlib
+import json
+import platform
+import shutil
+from importlib import metadata
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+from reports import html, stats, tables as tbl
+from reports.figures import FORMATS, Figure, draw_all
 
-PNG_META = {"Software": None}  # no version string: identical bytes across regenerations
+REPORT_PACKAGES = ("numpy", "pandas", "pyarrow", "scipy", "matplotlib", "seaborn")
 
 
-def figure_objective(table: pd.DataFrame, task: str, path: Path) -> str:
-    """Objective of every ended trial per variant, one panel per ladder value, memoryless baseline dashed."""
-    data = table[(table.task == task) & table.objective.notna()]
-    ladder = data.ladder.iloc[0]
-    values = sorted(data.ladder_value.unique())
-    fig, axes = plt.subplots(1, len(values), figsize=(3.2 * len(values) + 1, 3.4), squeeze=False, sharey=True)
-    order = list(dict.fromkeys(data.variant))
-    for ax, value in zip(axes[0], values):
-        panel = data[data.ladder_value == value]
-        sns.stripplot(panel, x="variant", y="objective", hue="kind", order=order, hue_order=["search", "replicate"],
-                      ax=ax, jitter=0.15, size=5, legend=ax is axes[0][-1])
-        if "metric.baseline" in panel and panel["metric.baseline"].notna().any():
-            ax.axhline(panel["metric.baseline"].iloc[0], ls="--", c="0.3", lw=1, label="memoryless baseline")
-        ax.set_title(f"{ladder} = {value}")
-        ax.set_yscale("log")
-        ax.tick_params(axis="x", rotation=30)
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{task}: objective per variant")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata=PNG_META)
-    plt.close(fig)
-    return (f"{task}: final objective of every ended search trial (and replicate run) of each variant, "
-            f"one panel per {ladder}; log scale; dashed: the loss of the best memoryless predictor.")
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per cell: trials by state, best objective, and mean ± sd over the replicate runs."""
-    keys = ["task", "ladder_value", "variant"]
-    search = table[table.kind == "search"]
-    out = search.pivot_table(index=keys, columns="state", values="trial", aggfunc="count", fill_value=0)
-    out["best"] = search.groupby(keys).objective.min()
-    rep = table[(table.kind == "replicate") & table.objective.notna()].groupby(keys).objective
-    out["replicates"] = rep.count()
-    out["replicate_mean"] = rep.mean()
-    out["replicate_sd"] = rep.std()
-    if "metric.baseline" in table:
-        out["baseline"] = table.groupby(keys)["metric.baseline"].first()
-    return out.reset_index()
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in REPORT_PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "unknown"
+    return out
 
 
-def build_report(table: pd.DataFrame, out: Path, study_text: str = "") -> Path:
-    """Write results.csv, figures/ and index.html into ``out``; returns the index path."""
+def build_report(tables: tbl.Tables, out: Path, reference: str | None = None, source: Path | None = None) -> Path:
+    """Write the report of ``tables`` into ``out``; returns the index.html path.
+
+    ``reference``: the variant label every other variant is compared with (default: the study file's
+    ``reference``, else lstm, else the first variant). ``source``: the saved report the tables were
+    loaded from; its table files are copied byte for byte instead of being written again.
+    """
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = out / "figures"
-    figures.mkdir(exist_ok=True)
-    table.to_csv(out / "results.csv", index=False)
-    study = table.study.iloc[0] if len(table) else out.name
-    parts = [f"<h1>rnnbench report: {html.escape(study)}</h1>"]
-    if len(table):
-        summ = summary(table)
-        summ.to_csv(out / "summary.csv", index=False)
-        parts += ["<h2>Summary</h2>", summ.to_html(index=False, float_format="%.4g", border=0)]
-        parts.append("<h2>Figures</h2>")
-        for task in dict.fromkeys(table.task):
-            name = f"objective_{task}.png"
-            caption = figure_objective(table, task, figures / name)
-            parts.append(f'<figure><img src="figures/{name}" alt="{html.escape(caption)}">'
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    reference = reference or tables.reference
+    if tables.variants and reference not in tables.variants:
+        raise LookupError(f"reference variant {reference!r} is not in the study (variants: {', '.join(tables.variants)})")
+    files = [f"{n}.{ext}" for n in tbl.TABLES for ext in ("parquet", "csv")]
+    if source is None:
+        tbl.save(tables, out)
+        tables = tbl.read_frames(out, tables.collection)  # draw from what --from will read
+    elif Path(source).resolve() != out.resolve():
+        for f in files:
+            shutil.copyfile(Path(source) / f, out / f)
+
+    has_runs = len(tables.results) > 0
+    if has_runs:
+        cells = stats.cell_stats(stats.selected_runs(tables.results))
+        summ, vs = stats.summary(tables), stats.versus_reference(tables, reference)
     else:
-        parts.append("<p>No trial has run yet.</p>")
-    if study_text:
-        parts += ["<h2>Study file</h2>", f"<pre>{html.escape(study_text)}</pre>"]
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>rnnbench: "
-            f"{html.escape(study)}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}"
-            "table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;text-align:right}"
-            "img{max-width:100%}figcaption{font-size:13px;color:#444}</style></head><body>"
-            + "\n".join(parts) + "</body></html>")
+        cells, summ, vs = None, pd.DataFrame(), pd.DataFrame(columns=["significant"])
+    summ.to_csv(out / "summary.csv", index=False)
+    vs.to_csv(out / "statistics.csv", index=False)
+    files += ["summary.csv", "statistics.csv"]
+    figures = draw_all(tables, cells, out / "figures") if has_runs else {}
+
+    unit = stats.unit_of(tables.results) if has_runs else "replicate"
+    manifest = {
+        "collection": tables.collection,
+        "report": {
+            "reference": reference,
+            "aggregation": stats.policy(unit, tables.objective_metric, tables.direction),
+            "importance_method": tables.collection.get("importance_method"),
+            "bootstrap": {"seed": stats.BOOTSTRAP_SEED, "resamples": stats.BOOTSTRAP_RESAMPLES},
+            "alpha": stats.ALPHA,
+            "files": {f: _sha256(out / f) for f in files},
+            "figures": sorted(f"figures/{fig.stem}.{fmt}" for items in figures.values()
+                              for _, fig in items if isinstance(fig, Figure) for fmt in FORMATS),
+            "versions": _versions(),
+        },
+    }
+    (out / tbl.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
+    page = html.page(tables.study, tables.collection.get("study_file", ""), summ, vs, reference, figures,
+                     manifest, tables.objective_metric, files + [tbl.MANIFEST])
     index = out / "index.html"
     index.write_text(page)
     return index
+
+
+def publish(client, study: str, out: Path) -> str:
+    """Log the report folder as the artifacts of the study's report run (tag ``rnnbench.role=report``),
+    replacing the previous report run. Returns the run id. Report runs are never trials: collection
+    reads ``rnnbench.role=trial`` runs only."""
+    exp = client.get_experiment_by_name(study)
+    for old in client.search_runs([exp.experiment_id], "tags.`rnnbench.role` = 'report'", max_results=100):
+        client.delete_run(old.info.run_id)
+    run = client.create_run(exp.experiment_id, run_name="report",
+                            tags={"rnnbench.role": "report", "rnnbench.study": study,
+                                  "mlflow.note.content": "The study's report: open index.html under Artifacts."})
+    client.log_artifacts(run.info.run_id, str(out))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id

@@ -1,12 +1,38 @@
-"""From MLflow to a tidy table: one row per trial run of a study."""
+"""From MLflow (and the Optuna storage) to the report's tables: the only module that reads the stores.
+
+Everything a report shows is copied into :class:`reports.tables.Tables` here, so that
+``rnnbench report --from`` can redraw it later without MLflow, Optuna or training.
+"""
 
 from __future__ import annotations
 
-import pandas as pd
-from mlflow.tracking import MlflowClient
+import json
+import os
+import platform
+import tempfile
+from importlib import metadata
+from pathlib import Path
 
-# MLflow status + tags -> the trial's end as Optuna and the README name it.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from reports.tables import Tables  # noqa: E402
+
+# Metrics each trial run logs once at the end (or at start); every other metric is a per-eval curve.
+FINAL_METRICS = ("objective", "train_seconds", "steps_done", "seconds_per_step", "wall_seconds", "baseline")
+GRAD_ARTIFACT = "grad_by_lag.json"
+IMPORTANCE_METHOD = ("PED-ANOVA (optuna.importance.PedAnovaImportanceEvaluator, Optuna 5's default), "
+                     "normalised to sum 1 over the searched hyperparameters of a cell")
+REPORT_PACKAGES = ("rnnbench", "numpy", "pandas", "pyarrow", "scipy", "matplotlib", "seaborn", "optuna", "mlflow")
+
+
 def _state(run) -> str:
+    """MLflow status + tags -> the trial's end as Optuna and the README name it."""
     tags, status = run.data.tags, run.info.status
     if "rnnbench.interrupted" in tags:
         return "INTERRUPTED"
@@ -24,30 +50,206 @@ def _number(text: str):
     return {"True": True, "False": False, "None": None}.get(text, text)
 
 
-def collect(client: MlflowClient, study: str) -> pd.DataFrame:
-    """Every trial run of ``study`` (search and replicate), one row each, oldest first.
+def study_file(experiment) -> str:
+    """The study file's text, as the engine stored it in the experiment description."""
+    note = experiment.tags.get("mlflow.note.content", "")
+    return note.removeprefix("```yaml\n").removesuffix("\n```")
 
-    Columns: study, cell, task, variant, base_variant, ladder, ladder_value, <ladder name>, kind, trial,
-    replicate, seed, state, objective, the hyperparameters and settings (``param.*`` names as logged),
-    the final metrics (``metric.*``), error, run_id.
-    """
+
+def study_meta(text: str) -> dict:
+    """Objective, reference and the task/variant order from the study file's text (defaults if it
+    cannot be read: the engine stores at most its first 4900 characters)."""
+    from studies.spec import Objective
+    try:
+        data = yaml.safe_load(text) or {}
+        objective = Objective(**(data.get("objective") or {}))
+    except Exception:  # noqa: BLE001 - a truncated or old study file: fall back to the defaults
+        data, objective = {}, Objective()
+    variants = [v if isinstance(v, str) else (v.get("label") or v.get("variant")) for v in data.get("variants", [])]
+    return {"objective": objective.model_dump(), "reference": data.get("reference"),
+            "variant_order": variants, "task_order": list(dict.fromkeys(t.get("task") for t in data.get("tasks", [])))}
+
+
+def collect(client: MlflowClient, study: str, storage=None) -> Tables:
+    """Every trial run of ``study`` (tag ``rnnbench.role=trial``; cell parents and report runs are
+    not trials), their curves and gradient probes, and the hyperparameter importance of each cell
+    from the Optuna ``storage`` (skipped when None)."""
     exp = client.get_experiment_by_name(study)
     if exp is None:
         raise LookupError(f"no study {study!r} in the tracking store")
+    text = study_file(exp)
+    meta = study_meta(text)
     runs = client.search_runs([exp.experiment_id], "tags.`rnnbench.role` = 'trial'", max_results=50000,
                               order_by=["attributes.start_time ASC"])
-    rows = []
+    results = results_table(study, runs, meta)
+    tables = Tables(results=results, curves=curves_table(client, runs), grad_by_lag=grads_table(client, runs),
+                    importance=importance_table(storage, results), collection={})
+    tables.collection = {
+        "study": study, **meta,
+        "study_sha256": exp.tags.get("rnnbench.study_sha256"),
+        "study_file": text,
+        "tracking_uri": client.tracking_uri,
+        "git_commits": _counts(r.data.tags.get("rnnbench.git_commit", "unknown") for r in runs),
+        "runs_from_dirty_tree": sum(r.data.tags.get("rnnbench.git_dirty") == "true" for r in runs),
+        "versions_of_runs": {k.removeprefix("rnnbench.version."): sorted(v) for k, v in _tag_values(runs).items()},
+        "versions_at_collection": {"python": platform.python_version(), **{p: _version(p) for p in REPORT_PACKAGES}},
+        "importance_method": IMPORTANCE_METHOD,
+        "mlflow_run_ids": sorted(r.info.run_id for r in runs),
+    }
+    return tables
+
+
+def _counts(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _tag_values(runs) -> dict[str, set]:
+    out: dict[str, set] = {}
+    for r in runs:
+        for k, v in r.data.tags.items():
+            if k.startswith("rnnbench.version."):
+                out.setdefault(k, set()).add(v)
+    return out
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def results_table(study: str, runs, meta: dict) -> pd.DataFrame:
+    """One row per trial run. Columns: study, cell, task, variant, base_variant, ladder, ladder_value,
+    <ladder name> (e.g. seq_len), kind, trial, replicate, source_trial, seed, state, objective,
+    solved_threshold, the hyperparameters and settings (``param.*``), the final value of every metric
+    (``metric.*``), error, optuna_study, git_commit, run_id."""
+    rows, settings = [], {}
     for run in runs:
         t = run.data.tags
+        settings[t["rnnbench.cell"]] = (t["rnnbench.task"], {k.removeprefix("task."): _number(v)
+                                                            for k, v in run.data.params.items() if k.startswith("task.")})
         row = {"study": study, "cell": t["rnnbench.cell"], "task": t["rnnbench.task"],
                "variant": t["rnnbench.variant"], "base_variant": t["rnnbench.base_variant"],
                "ladder": t["rnnbench.ladder"], "ladder_value": _number(t["rnnbench.ladder_value"]),
                "kind": t["rnnbench.kind"], "trial": int(t["rnnbench.trial"]),
-               "replicate": _number(t.get("rnnbench.replicate")), "seed": int(t["rnnbench.seed"]),
-               "state": _state(run), "objective": run.data.metrics.get("objective"),
-               "error": t.get("rnnbench.error"), "run_id": run.info.run_id}
+               "replicate": _number(t.get("rnnbench.replicate")),
+               "source_trial": _number(t.get("rnnbench.source_trial")), "seed": int(t["rnnbench.seed"]),
+               "state": _state(run), "objective": run.data.metrics.get("objective")}
         row[row["ladder"]] = row["ladder_value"]
-        row |= {f"param.{k}": _number(v) for k, v in run.data.params.items()}
-        row |= {f"metric.{k}": v for k, v in run.data.metrics.items()}
+        row |= {f"param.{k}": _number(v) for k, v in sorted(run.data.params.items())}
+        row |= {f"metric.{k}": v for k, v in sorted(run.data.metrics.items())}
+        row |= {"error": t.get("rnnbench.error"), "optuna_study": t.get("rnnbench.optuna_study"),
+                "git_commit": t.get("rnnbench.git_commit"), "run_id": run.info.run_id}
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    thresholds = {cell: solved_threshold(task, kw, **meta["objective"]) for cell, (task, kw) in settings.items()}
+    table.insert(table.columns.get_loc("objective") + 1, "solved_threshold", table.cell.map(thresholds))
+    for col in ("replicate", "source_trial"):
+        table[col] = pd.to_numeric(table[col], errors="coerce").astype("Int64")
+    return table
+
+
+def solved_threshold(task: str, settings: dict, metric: str, direction: str) -> float | None:
+    """The value of the objective metric at which the task counts as solved, or None.
+
+    Tasks state "solved" as a predicate on their eval metrics (``Task.solved``). When that predicate
+    reads the objective metric alone (e.g. adding: loss < 1% of the baseline; copy memory with
+    objective recall_acc: recall_acc >= 0.99), it is found here by bisection, so figures can draw it.
+    """
+    from tasks import build_task
+    try:
+        t = build_task(task, **settings)
+        good, bad = (0.0, 1e9) if direction == "minimize" else (1.0, 0.0)
+        if not t.solved({metric: good}) or t.solved({metric: bad}):
+            return None
+        for _ in range(200):
+            mid = (good + bad) / 2
+            good, bad = (mid, bad) if t.solved({metric: mid}) else (good, mid)
+    except Exception:  # noqa: BLE001 - the criterion needs other metrics (KeyError) or the task is gone
+        return None
+    return float(f"{good:.6g}")
+
+
+def curves_table(client: MlflowClient, runs) -> pd.DataFrame:
+    """One row per (run, metric, step) of every per-eval metric (loss, solved, accuracies...)."""
+    rows = []
+    for run in runs:
+        for key in sorted(set(run.data.metrics) - set(FINAL_METRICS)):
+            for m in client.get_metric_history(run.info.run_id, key):
+                rows.append((run.info.run_id, key, int(m.step), float(m.value)))
+    out = pd.DataFrame(rows, columns=["run_id", "metric", "step", "value"])
+    return out.drop_duplicates(["run_id", "metric", "step"], keep="last").reset_index(drop=True)
+
+
+def grads_table(client: MlflowClient, runs) -> pd.DataFrame:
+    """One row per (replicate run, phase, lag) from the runs' ``grad_by_lag.json``: the norm of
+    d loss / d h_t at lag T-1-t, at initialisation and after training."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs:
+            if run.data.tags.get("rnnbench.kind") != "replicate":
+                continue
+            try:
+                path = client.download_artifacts(run.info.run_id, GRAD_ARTIFACT, tmp)
+            except Exception:  # noqa: BLE001 - a failed run has no probe
+                continue
+            grads = json.loads(Path(path).read_text())
+            for phase in ("init", "trained"):
+                rows += [(run.info.run_id, phase, lag, float(v)) for lag, v in enumerate(grads.get(phase, []))]
+    return pd.DataFrame(rows, columns=["run_id", "phase", "lag", "norm"])
+
+
+def importance_table(storage, results: pd.DataFrame) -> pd.DataFrame:
+    """Per cell and searched hyperparameter: its importance over the cell's COMPLETE search trials.
+
+    Importance needs at least two complete trials and a parameter that varied; otherwise the row
+    carries a NaN and a note saying why. With a single searched parameter the normalised importance
+    is 1 by construction (the note says so).
+    """
+    cols = ["task", "ladder_value", "variant", "cell", "param", "importance", "raw", "n_trials", "method", "note"]
+    if storage is None or results.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    search = results[results.kind == "search"]
+    for cell, g in search.groupby("cell", sort=False):
+        first = g.iloc[0]
+        base = {"task": first.task, "ladder_value": first.ladder_value, "variant": first.variant, "cell": cell}
+        try:
+            study = optuna.load_study(study_name=first.optuna_study, storage=storage)
+        except KeyError:
+            rows.append({**base, "param": None, "note": "Optuna study not found"})
+            continue
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        params = sorted({p for t in done for p in t.params})
+        base["n_trials"] = len(done)
+        if len(done) < 2 or not params:
+            rows.append({**base, "param": None, "method": "PED-ANOVA",
+                         "note": f"{len(done)} complete trials and {len(params)} searched hyperparameters: "
+                                 "importance needs at least 2 and 1"})
+            continue
+        note = "single searched hyperparameter: importance 1 by construction" if len(params) == 1 else ""
+        if len(done) < 10:
+            note = "; ".join(filter(None, [note, f"only {len(done)} trials: indicative"]))
+        try:
+            evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+            raw = evaluator.evaluate(study)
+            total = sum(raw.values())
+        except Exception as e:  # noqa: BLE001 - e.g. a parameter that never varied
+            rows.append({**base, "param": None, "method": "PED-ANOVA", "note": f"not computable: {e}"})
+            continue
+        for p in params:
+            value = raw.get(p, 0.0)
+            rows.append({**base, "param": p, "importance": value / total if total > 0 else float("nan"),
+                         "raw": value, "method": "PED-ANOVA", "note": note})
+    out = pd.DataFrame(rows, columns=cols)
+    out["n_trials"] = pd.to_numeric(out.n_trials).astype("Int64")
+    for col in ("importance", "raw"):
+        out[col] = pd.to_numeric(out[col])
+    return out
+

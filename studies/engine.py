@@ -21,6 +21,7 @@ and the launcher enqueues a replacement, so a rerun ends with exactly ``trials``
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -42,13 +44,14 @@ from optuna.trial import TrialState
 
 from studies.spec import Cell, Spec, cell_fingerprint, cells
 from studies.store import Store
-from studies.training import Divergence, SequenceModel, TrainConfig, train
+from studies.training import Divergence, SequenceModel, TrainConfig, gradient_by_lag, train
 from variants import count_parameters
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 KINDS = ("search", "replicate")
+GRAD_PROBE_SIZE = 64  # sequences in the gradient-by-lag probe of replicate runs
 
 
 class StudyChanged(RuntimeError):
@@ -80,7 +83,7 @@ def make_sampler(spec: Spec, cell: Cell, seed: int) -> optuna.samplers.BaseSampl
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "qmc":
         return optuna.samplers.QMCSampler(seed=derive_seed(spec.seed, cell.key), scramble=True)
-    return optuna.samplers.GridSampler({k: p.choices for k, p in cell.search_space}, seed=seed)
+    return optuna.samplers.RandomSampler(seed)  # grid: the launcher enqueues every point with its params
 
 
 def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
@@ -111,13 +114,16 @@ def suggest(trial: optuna.Trial, cell: Cell) -> dict:
     return out
 
 
-def claim(study: optuna.Study) -> optuna.Trial | None:
+def claim(study: optuna.Study, sampler_for=None) -> optuna.Trial | None:
     """Atomically move one WAITING trial to RUNNING and return it (what ``Study.ask`` does first),
-    or None: unlike ``ask``, never create a trial. ``_trial_id`` is the storage's id of a trial."""
+    or None: unlike ``ask``, never create a trial. ``sampler_for(number)``, if given, is installed as
+    the study's sampler before the trial object samples anything. ``_trial_id`` is the storage's id."""
     storage = study._storage
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         try:
             if storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+                if sampler_for is not None:
+                    study.sampler = sampler_for(frozen.number)
                 return optuna.Trial(study, frozen._trial_id)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
@@ -181,23 +187,24 @@ def best_trial(spec: Spec, study: optuna.Study) -> optuna.trial.FrozenTrial | No
 def prepare(spec: Spec, spec_text: str, store: Store, storage, client) -> str:
     """Create (or check) every cell's Optuna studies and MLflow parent run before workers start.
     Returns the MLflow experiment id."""
+    existing = {s.study_name: s.user_attrs for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    for cell in cells(spec):  # check everything before writing anything
+        old = existing.get(optuna_name(spec, cell, "search"), {}).get("fingerprint")
+        if old is not None and old != cell_fingerprint(spec, cell):
+            raise StudyChanged(
+                f"study {spec.name!r}, cell {cell.key}: the study file changed this cell's definition "
+                f"(search space, budget, model, sampler, objective or seed) since its trials ran; "
+                f"give the study a new 'name' (or use another --root) to start a new study")
     exp_id = store.experiment_id(client, spec.name, create=True)
     client.set_experiment_tag(exp_id, "rnnbench.study_sha256", hashlib.sha256(spec_text.encode()).hexdigest())
     # The experiment's description in the MLflow UI is the study file.
     client.set_experiment_tag(exp_id, "mlflow.note.content", f"```yaml\n{spec_text[:4900]}\n```")
     for cell in cells(spec):
-        fingerprint = cell_fingerprint(spec, cell)
         for kind in KINDS:
             study = optuna.create_study(storage=storage, study_name=optuna_name(spec, cell, kind),
                                         direction=spec.objective.direction, load_if_exists=True)
-            old = study.user_attrs.get("fingerprint")
-            if old is not None and old != fingerprint:
-                raise StudyChanged(
-                    f"study {spec.name!r}, cell {cell.key}: the study file changed this cell's definition "
-                    f"(search space, budget, model, sampler, objective or seed) since its trials ran; "
-                    f"give the study a new 'name' (or use another --root) to start a new study")
-            if old is None:
-                study.set_user_attr("fingerprint", fingerprint)
+            if "fingerprint" not in study.user_attrs:
+                study.set_user_attr("fingerprint", cell_fingerprint(spec, cell))
         search = open_study(spec, storage, cell, "search")
         if "mlflow_parent_run_id" not in search.user_attrs:
             run = client.create_run(exp_id, run_name=cell.key, tags={
@@ -215,8 +222,8 @@ def top_up(spec: Spec, storage) -> None:
         s = row.search
         missing = spec.trials - (s["counted"] + s["WAITING"] + s["RUNNING"])
         search = open_study(spec, storage, cell, "search")
-        for _ in range(max(0, missing)):
-            search.enqueue_trial({}, skip_if_exists=False)
+        for params in next_points(spec, cell, search, missing):
+            search.enqueue_trial(params, skip_if_exists=False)
         if s["counted"] < spec.trials:
             continue
         best = best_trial(spec, search)
@@ -228,6 +235,25 @@ def top_up(spec: Spec, storage) -> None:
         for k in range(have, spec.replicates):
             replicate.enqueue_trial(best.params, user_attrs={"replicate": k, "source_trial": best.number},
                                     skip_if_exists=False)
+
+
+def grid_points(cell: Cell) -> list[dict]:
+    """Every combination of a categorical search space, in study-file order."""
+    names = [name for name, _ in cell.search_space]
+    return [dict(zip(names, combo)) for combo in itertools.product(*(p.choices for _, p in cell.search_space))]
+
+
+def next_points(spec: Spec, cell: Cell, study: optuna.Study, n: int) -> list[dict]:
+    """Fixed params of the next ``n`` trials to enqueue: ``{}`` (the sampler decides), or with the grid
+    sampler the first grid points no counted, waiting or running trial holds (an interrupted trial's
+    point comes back)."""
+    if n <= 0:
+        return []
+    if spec.sampler != "grid":
+        return [{}] * n
+    taken = [t.system_attrs.get("fixed_params", t.params) for t in study.get_trials(deepcopy=False)
+             if counted(t) or t.state in (TrialState.WAITING, TrialState.RUNNING)]
+    return [p for p in grid_points(cell) if p not in taken][:n]
 
 
 def _alive(pid: int) -> bool:
@@ -405,28 +431,24 @@ class Worker:
     def next_trial(self):
         for kind in KINDS:
             for cell in self.cells:
-                seed = derive_seed(self.spec.seed, cell.key, kind, "sampler")
-                study = open_study(self.spec, self.storage, cell, kind, seed)
-                trial = claim(study)
+                study = open_study(self.spec, self.storage, cell, kind)
+                # A sampler seeded per trial: the same study file gives the same suggestions however
+                # the trials were spread over workers.
+                trial = claim(study, partial(self.sampler_for, cell) if kind == "search" else None)
                 if trial is not None:
                     return cell, kind, study, trial
         return None
 
+    def sampler_for(self, cell: Cell, number: int) -> optuna.samplers.BaseSampler:
+        return make_sampler(self.spec, cell, derive_seed(self.spec.seed, cell.key, "search", number))
+
     def run_trial(self, cell: Cell, kind: str, study: optuna.Study, trial: optuna.Trial) -> None:
+        """Run one claimed trial and close it in Optuna and MLflow, whatever happens inside."""
         spec, client = self.spec, self.client
         trial.set_user_attr("worker", self.name)
         trial.set_user_attr("heartbeat", time.time())
-        # A sampler seeded per trial: the same study file gives the same suggestions however the
-        # trials were spread over workers.
-        study.sampler = make_sampler(spec, cell, derive_seed(spec.seed, cell.key, kind, trial.number))
         replicate = trial.user_attrs.get("replicate")
         seed = derive_seed(spec.seed, cell.key, kind, trial.number if replicate is None else replicate)
-        task = cell.build_task()
-        hp = hyperparameters(spec, cell, trial)
-        hidden = hidden_size(spec, cell, task, hp)
-        torch.manual_seed(seed)
-        model = SequenceModel(task, cell.variant.variant, hidden, int(hp["num_layers"]), float(hp["dropout"]),
-                              cell.variant.switches)
         parent = open_study(spec, self.storage, cell, "search").user_attrs["mlflow_parent_run_id"]
         tags = {**cell_tags(spec, cell), **self.provenance, "mlflow.parentRunId": parent,
                 "rnnbench.role": "trial", "rnnbench.kind": kind, "rnnbench.trial": str(trial.number),
@@ -437,40 +459,9 @@ class Worker:
         name = f"{cell.key}#{trial.number}" + (f" replicate {replicate}" if replicate is not None else "")
         run_id = client.create_run(self.exp_id, run_name=name, tags=tags).info.run_id
         trial.set_user_attr("mlflow_run_id", run_id)
-        params = {**hp, "hidden_size": hidden, "n_params": count_parameters(model),
-                  **{f"task.{k}": v for k, v in task.settings().items()},
-                  **{f"switch.{k}": v for k, v in cell.variant.switches.items()},
-                  "steps": spec.train.steps, "seconds": spec.train.seconds, "eval_every": spec.train.eval_every}
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
-                         metrics=[Metric("baseline", task.baseline, int(time.time() * 1000), 0)])
-        cfg = TrainConfig(lr=float(hp["lr"]), steps=spec.train.steps or 10**12, batch_size=int(hp["batch_size"]),
-                          eval_every=spec.train.eval_every, grad_clip=hp["grad_clip"],
-                          weight_decay=float(hp["weight_decay"]), max_seconds=spec.train.seconds)
-        metric = spec.objective.metric
-        if cell.key not in self.eval_sets:
-            self.eval_sets = {cell.key: task.eval_batch(spec.train.eval_size, spec.seed)}
-
-        def on_eval(step: int, metrics: dict[str, float]) -> None:
-            if metric not in metrics:
-                raise KeyError(f"objective metric {metric!r} is not reported by task {cell.task} "
-                               f"(it reports: {', '.join(metrics)})")
-            ts = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
-            trial.set_user_attr("heartbeat", time.time())
-            trial.report(metrics[metric], step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at step {step} ({metric} {metrics[metric]:.4g})")
-
         started = time.perf_counter()
         try:
-            result = train(task, model, cfg, self.eval_sets[cell.key], seed, on_eval)
-            value = result.metrics[metric]
-            if not math.isfinite(value):
-                raise Divergence(f"objective {metric} is {value}")
-            summary = {"objective": value, "train_seconds": result.seconds, "steps_done": result.steps,
-                       "seconds_per_step": result.seconds / max(result.steps, 1)}
-            client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), result.steps)
-                                              for k, v in summary.items()])
+            value = self.train_trial(cell, trial, run_id, seed, probe_gradients=replicate is not None)
             self._end(study, trial, run_id, TrialState.COMPLETE, "FINISHED", value=value)
         except optuna.TrialPruned as e:
             self._end(study, trial, run_id, TrialState.PRUNED, "KILLED", tags={"rnnbench.pruned": str(e)})
@@ -485,6 +476,55 @@ class Worker:
         finally:
             client.log_batch(run_id, metrics=[Metric("wall_seconds", time.perf_counter() - started,
                                                      int(time.time() * 1000), 0)])
+
+    def train_trial(self, cell: Cell, trial: optuna.Trial, run_id: str, seed: int, probe_gradients: bool) -> float:
+        """Build the model for the trial's hyperparameters, train it, log as it goes; return the objective."""
+        spec, client = self.spec, self.client
+        task = cell.build_task()
+        hp = hyperparameters(spec, cell, trial)
+        hidden = hidden_size(spec, cell, task, hp)
+        torch.manual_seed(seed)
+        model = SequenceModel(task, cell.variant.variant, hidden, int(hp["num_layers"]), float(hp["dropout"]),
+                              cell.variant.switches)
+        params = {**hp, "hidden_size": hidden, "n_params": count_parameters(model),
+                  **{f"task.{k}": v for k, v in task.settings().items()},
+                  **{f"switch.{k}": v for k, v in cell.variant.switches.items()},
+                  "steps": spec.train.steps, "seconds": spec.train.seconds, "eval_every": spec.train.eval_every}
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                         metrics=[Metric("baseline", task.baseline, int(time.time() * 1000), 0)])
+        cfg = TrainConfig(lr=float(hp["lr"]), steps=spec.train.steps or 10**12, batch_size=int(hp["batch_size"]),
+                          eval_every=spec.train.eval_every, grad_clip=hp["grad_clip"],
+                          weight_decay=float(hp["weight_decay"]), max_seconds=spec.train.seconds)
+        metric = spec.objective.metric
+        if cell.key not in self.eval_sets:  # keep one cell's held-out set: workers go cell by cell
+            self.eval_sets = {cell.key: task.eval_batch(spec.train.eval_size, spec.seed)}
+
+        def on_eval(step: int, metrics: dict[str, float]) -> None:
+            if metric not in metrics:
+                raise KeyError(f"objective metric {metric!r} is not reported by task {cell.task} "
+                               f"(it reports: {', '.join(metrics)})")
+            ts = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
+            trial.set_user_attr("heartbeat", time.time())
+            trial.report(metrics[metric], step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} ({metric} {metrics[metric]:.4g})")
+
+        # Replicate runs record the vanishing-gradient picture before and after training.
+        probe = task.eval_batch(GRAD_PROBE_SIZE, spec.seed + 1) if probe_gradients else None
+        grads = {"init": gradient_by_lag(task, model, probe)} if probe is not None else {}
+        result = train(task, model, cfg, self.eval_sets[cell.key], seed, on_eval)
+        if probe is not None:
+            grads["trained"] = gradient_by_lag(task, model, probe)
+            client.log_dict(run_id, grads, "grad_by_lag.json")
+        value = result.metrics[metric]
+        if not math.isfinite(value):
+            raise Divergence(f"objective {metric} is {value}")
+        summary = {"objective": value, "train_seconds": result.seconds, "steps_done": result.steps,
+                   "seconds_per_step": result.seconds / max(result.steps, 1)}
+        client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), result.steps)
+                                          for k, v in summary.items()])
+        return value
 
     def _end(self, study, trial, run_id, state, status, value=None, tags=None):
         for k, v in (tags or {}).items():
@@ -530,6 +570,8 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
     lock_fd = store.lock()
     procs: list[subprocess.Popen] = []
     try:
+        if not store.distributed:
+            store.repair_journal()
         storage, client = store.optuna_storage(), store.mlflow_client()
         exp_id = prepare(spec, spec_path.read_text(), store, storage, client)
         # The lock is ours, so no local worker of an earlier run is alive: their RUNNING trials are stale.

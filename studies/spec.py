@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -173,9 +174,14 @@ class Spec(Strict):
             raise ValueError(f"variants: label {dupes[0]!r} used twice; give each entry a distinct 'label'")
         if self.sampler == "grid":
             for v in self.variants:
-                for name, p in {**self.search_space, **v.search_space}.items():
+                space = {**self.search_space, **v.search_space}
+                for name, p in space.items():
                     if p.type != "categorical":
                         raise ValueError(f"sampler grid needs categorical search spaces; {name!r} is {p.type}")
+                points = math.prod(len(p.choices) for p in space.values())
+                if self.trials > points:
+                    raise ValueError(f"trials ({self.trials}) exceeds the {points} points of variant "
+                                     f"{v.name!r}'s grid; set trials to at most {points}")
         return self
 
 

@@ -52,7 +52,7 @@ class Store:
         if self.storage_url:
             return optuna.storages.RDBStorage(self.storage_url, engine_kwargs={"pool_pre_ping": True})
         self.root.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(self.root / "optuna.journal")))
+        return JournalStorage(JournalFileBackend(str(self.journal)))
 
     def mlflow_client(self) -> MlflowClient:
         if self.tracking is None:
@@ -76,6 +76,23 @@ class Store:
         path = self.root / "logs"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    @property
+    def journal(self) -> Path:
+        return self.root / "optuna.journal"
+
+    def repair_journal(self) -> None:
+        """Undo what a process killed while writing the journal leaves behind: a stale lock file
+        (Optuna would wait 30 s for it) and a last line cut short (it would break the next read once
+        more lines follow). Only safe while holding the run lock: then nobody else writes."""
+        for stale in self.root.glob("optuna.journal.lock*"):
+            stale.unlink(missing_ok=True)
+        if not self.journal.exists():
+            return
+        data = self.journal.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.journal, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
 
     def lock(self) -> int:
         """Take the root's run lock; returns its file descriptor (inherited by workers, so the lock

@@ -39,10 +39,12 @@ class SequenceModel(nn.Module):
         self.rnn = build_variant(variant, rnn_in, hidden_size, num_layers, dropout, **(switches or {}))
         self.head = nn.Linear(hidden_size, task.output_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hidden_hook: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         if self.embed is not None:
             x = self.embed(x)
         out, _ = self.rnn(x)
+        if hidden_hook is not None:
+            hidden_hook(out)
         return self.head(out)
 
 
@@ -110,3 +112,35 @@ def train(task: Task, model: nn.Module, cfg: TrainConfig, eval_batch: Batch, see
 def evaluate(task: Task, model: nn.Module, batch: Batch) -> dict[str, float]:
     model.eval()
     return task.metrics(model(batch.x), batch)
+
+
+def gradient_by_lag(task: Task, model: SequenceModel, batch: Batch) -> list[float]:
+    """Mean over the batch of ||d loss / d h_t|| (the top layer's hidden state), indexed by lag T-1-t.
+
+    The vanishing-gradient picture (Hochreiter 1991; Bengio et al. 1994): how much the loss still
+    depends on the state long before the end. The model is unrolled one step per call through the
+    common ``(x, state)`` interface so every h_t is a node of the graph; a clocked variant
+    (``clocked = True``, e.g. clockwork) is told the absolute step with ``t0``.
+    """
+    model.eval()
+    x = model.embed(batch.x) if model.embed is not None else batch.x
+    rnn, state, outs, hs = model.rnn, None, [], []
+    for t, x_t in enumerate(x.unbind(1)):
+        kwargs = {"t0": t} if getattr(rnn, "clocked", False) else {}
+        out, state = rnn(x_t.unsqueeze(1), state, **kwargs)
+        h = state[0] if isinstance(state, tuple) else state
+        for node in (out, h):
+            node.retain_grad()
+        hs.append((out, h))
+        outs.append(out)
+    loss = task.loss(model.head(torch.cat(outs, 1)), batch)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    # h_t reaches the loss twice: through the head at step t (out) and through later steps (state);
+    # ``out[:, 0]`` and ``h[-1]`` hold the same values as two nodes of the graph, so their gradients add.
+    def grad(node, top):
+        return 0 if node.grad is None else top(node.grad)
+    norms = [(grad(out, lambda g: g[:, 0]) + grad(h, lambda g: g[-1])).norm(dim=-1).mean().item()
+             for out, h in hs]
+    model.zero_grad(set_to_none=True)
+    return norms[::-1]

@@ -13,6 +13,10 @@ batches from a ``torch.Generator``, so a seed reproduces the data exactly, and s
 * ``baseline``: the loss of the best memoryless predictor for these settings, and ``solved()``.
 
 Models always emit ``(B, T, output_size)``; :meth:`Task.select` picks the positions the loss reads.
+Tasks whose sequences differ in length within a batch (adding_1997, temporal_order, embedded_reber)
+pad at the end and read through ``"mask"``; the models are causal, so padding never reaches a read
+step. Settings are checked in ``__post_init__`` with :meth:`Task.check_int` / :meth:`Task.check_real`
+/ :meth:`Task.check`, which raise :class:`TaskSettingError` naming ``task.field``.
 """
 
 from __future__ import annotations

@@ -152,9 +152,9 @@ class EmbeddedReber(Task):
             columns.append(torch.where(state == END, PAD, symbol))
             state = NEXT_STATE[state, option]
         strings = torch.stack(columns, 1)
-        x, y = strings[:, :-1], strings[:, 1:].clone()
+        x, y = strings[:, :-1], strings[:, 1:]
         mask = y != PAD
-        y[~mask] = 0
+        x, y = x.masked_fill(~mask, PAD), y.masked_fill(~mask, 0)  # the final E is a target only
         return Batch(x.to(device), y.to(device), mask.to(device))
 
     @staticmethod

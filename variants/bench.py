@@ -1,7 +1,8 @@
 """Speed of every variant against torch.nn.LSTM, measured in the same run.
 
 Forward (with autograd recording, as in training) and backward (``loss.backward()`` on the sum of the
-outputs) are timed separately, after warm-up; each figure is the median over ``repeats``. Subnormal
+outputs) are timed separately, after warm-up; each figure is the median over ``repeats``, taken round-robin
+over the models so that load from other processes hits every row alike. Subnormal
 floats are flushed (they can dominate CPU RNN time) and the thread count is fixed.
 
     >>> rows = benchmark(["lstm", "peephole"], batch=8, hidden=32, seq_len=20, warmup=1, repeats=2)
@@ -21,19 +22,14 @@ from variants import VARIANTS, build_variant, count_parameters
 REFERENCE = "torch.nn.LSTM"
 
 
-def _time(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> tuple[float, float]:
-    fwd, bwd = [], []
-    for r in range(warmup + repeats):
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        loss = model(x)[0].sum()
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        if r >= warmup:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-    return statistics.median(fwd) * 1e3, statistics.median(bwd) * 1e3
+def _time_once(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    loss = model(x)[0].sum()
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
 
 
 def benchmark(names: list[str] | None = None, batch: int = 64, hidden: int = 128, seq_len: int = 200,
@@ -47,9 +43,18 @@ def benchmark(names: list[str] | None = None, batch: int = 64, hidden: int = 128
     models = {REFERENCE: nn.LSTM(input_size, hidden, batch_first=True)}
     for name in names or list(VARIANTS):
         models[name] = build_variant(name, input_size, hidden)
+    for model in models.values():
+        for _ in range(warmup):
+            _time_once(model, x)
+    # Round-robin over the models, so that a load change on the machine hits them all alike.
+    times = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            times[name].append(_time_once(model, x))
     rows = []
     for name, model in models.items():
-        fwd, bwd = _time(model, x, warmup, repeats)
+        fwd = statistics.median(f for f, _ in times[name]) * 1e3
+        bwd = statistics.median(b for _, b in times[name]) * 1e3
         rows.append(dict(variant=name, params=count_parameters(model), fwd_ms=fwd, bwd_ms=bwd,
                          total_ms=fwd + bwd))
     base = rows[0]["total_ms"]

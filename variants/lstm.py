@@ -177,8 +177,10 @@ class _Recurrence(torch.autograd.Function):
         T, B, _ = xp.shape
         H = cell.hidden_size
         si, sf, sg, so = cell._slices()
-        pi, pf, po = cell._peepholes(peep)
+        po = cell._peepholes(peep)[2]                # i and f peepholes are applied as one block below
         SH = sg.start                                # the sigmoid gates come first
+        K = (si is not None) + (sf is not None)      # i and f, the gates before the cell update
+        KH = K * H
         acts = torch.empty_like(xp)                  # gate activations: σ(i), σ(f), tanh(g) or g, σ(o)
         cs = xp.new_empty(T + 1, B, H)               # c_{-1} = c0, c_0, ..., c_{T-1}
         hs = xp.new_empty(T + 1, B, H)
@@ -190,17 +192,13 @@ class _Recurrence(torch.autograd.Function):
             torch.addmm(xp[t], hs[t], w_hh_t, out=a)
             if w_gg is not None and t > 0:
                 a[:, :SH].addmm_(acts[t - 1, :, :SH], w_gg.t())
-            i = f = None
-            if si is not None:
-                i = a[:, si]
-                if pi is not None:
-                    i.addcmul_(pi, c_prev)
-                i.sigmoid_()
-            if sf is not None:
-                f = a[:, sf]
-                if pf is not None:
-                    f.addcmul_(pf, c_prev)
-                f.sigmoid_()
+            if KH:  # i and f lead the layout: one peephole op and one sigmoid for both
+                z_if = a[:, :KH]
+                if peep is not None:
+                    z_if.view(B, K, H).addcmul_(peep[:K], c_prev.unsqueeze(1))
+                z_if.sigmoid_()
+            i = a[:, si] if si is not None else None
+            f = a[:, sf] if sf is not None else None
             g = a[:, sg]
             if cell.input_activation:
                 g.tanh_()
@@ -243,6 +241,7 @@ class _Recurrence(torch.autograd.Function):
         dh = d_hT.clone() if d_hT is not None else hs.new_zeros(B, H)
         dc = d_cT.clone() if d_cT is not None else hs.new_zeros(B, H)
         SH = sg.start
+        KH = ((si is not None) + (sf is not None)) * H
         da = hs.new_zeros(B, SH) if w_gg is not None else None  # FGR: d loss / d (this step's gate activations)
         for t in reversed(range(T)):
             if d_out is not None:
@@ -278,15 +277,15 @@ class _Recurrence(torch.autograd.Function):
                 torch.mul(dc, g, out=dzi)
                 if cell.coupled:
                     dzi.addcmul_(dc, c_prev, value=-1.0)
-                if da is not None:
-                    dzi.add_(da[:, si])
-                dzi.mul_(i - i * i)
             if f is not None:
                 dzf = dz[:, sf]
                 torch.mul(dc, c_prev, out=dzf)
+            if KH:  # σ' for i and f together
+                dz_if, a_if = dz[:, :KH], a[:, :KH]
                 if da is not None:
-                    dzf.add_(da[:, sf])
-                dzf.mul_(f - f * f)
+                    dz_if.add_(da[:, :KH])
+                dz_if.mul_(a_if - a_if * a_if)
+            if f is not None:
                 dc.mul_(f)                            # now dc is d loss / d c_{t-1}
             elif cell.coupled:
                 dc.mul_(1.0 - i)

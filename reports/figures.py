@@ -1,0 +1,364 @@
+"""The report's figures, one function each, drawn from the saved tables only (seaborn classic API).
+
+Every function returns a :class:`Figure` (file stem + a caption saying exactly what is plotted) or
+None when the data cannot show anything (the reason goes into the page instead). Files are PNG (for
+the page) and SVG (for papers), written with fixed metadata so regenerations are byte-identical.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from reports.stats import selected_runs, unit_of  # noqa: E402
+from reports.tables import Tables  # noqa: E402
+
+FORMATS = ("png", "svg")
+# No version strings or dates in the files, fixed SVG ids: the same tables give the same bytes.
+METADATA = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}
+RC = {"svg.hashsalt": "rnnbench", "svg.fonttype": "path", "savefig.dpi": 130, "figure.dpi": 100}
+BASELINE = dict(ls="--", c="0.35", lw=1.2)
+THRESHOLD = dict(ls=":", c="tab:red", lw=1.4)
+
+
+@dataclass(frozen=True)
+class Figure:
+    stem: str  # figures/<stem>.png and .svg
+    title: str
+    caption: str
+
+
+def span(counts) -> str:
+    """'5' or '3-5': how many runs each group of a figure has."""
+    lo, hi = int(counts.min()), int(counts.max())
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+@contextmanager
+def style():
+    """seaborn's paper style plus the fixed settings above, and numpy's global random state seeded
+    (seaborn's strip-plot jitter draws from it); both restored afterwards."""
+    state = np.random.get_state()
+    try:
+        with plt.rc_context():
+            sns.set_theme(context="paper", style="whitegrid", font_scale=1.1)
+            plt.rcParams.update(RC)
+            np.random.seed(0)
+            yield
+    finally:
+        np.random.set_state(state)
+
+
+def save(fig, folder: Path, stem: str) -> None:
+    for fmt in FORMATS:
+        fig.savefig(folder / f"{stem}.{fmt}", format=fmt, metadata=METADATA[fmt])
+    plt.close(fig)
+
+
+class Painter:
+    """Holds what every figure of one report shares: the tables, the runs the aggregation policy
+    selects, the colour of each variant, the metric names."""
+
+    def __init__(self, tables: Tables, cells: pd.DataFrame, folder: Path):
+        self.t, self.cells, self.folder = tables, cells, folder
+        self.runs = selected_runs(tables.results) if len(tables.results) else tables.results
+        self.unit = unit_of(tables.results) if len(tables.results) else "replicate"
+        self.order = tables.variants
+        self.palette = dict(zip(self.order, sns.color_palette("colorblind", max(len(self.order), 1))))
+        self.metric = tables.objective_metric
+        self.minimize = tables.direction == "minimize"
+
+    # --- helpers -------------------------------------------------------------------------------
+    def panels(self, n: int, width: float = 3.4, height: float = 3.2, sharey=True):
+        fig, axes = plt.subplots(1, n, figsize=(width * n + 0.6, height), squeeze=False, sharey=sharey,
+                                 layout="constrained")
+        return fig, list(axes[0])
+
+    def outside_legend(self, ax) -> None:
+        if ax.get_legend() is not None:
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), fontsize=7, title_fontsize=8, frameon=False)
+
+    def values(self, task: str) -> list:
+        return sorted(self.t.results.loc[self.t.results.task == task, "ladder_value"].unique())
+
+    def ladder(self, task: str) -> str:
+        return self.t.results.loc[self.t.results.task == task, "ladder"].iloc[0]
+
+    def logy(self, values, task: str | None = None) -> bool:
+        """Log y for a minimised objective spanning more than a decade, the task's baseline and solved
+        threshold included (they must stay visible)."""
+        v = pd.to_numeric(pd.Series(list(values)), errors="coerce")
+        if task is not None:
+            rows = self.t.results[self.t.results.task == task]
+            for col in ("metric.baseline", "solved_threshold"):
+                if col in rows and (col != "metric.baseline" or self.metric == "loss"):
+                    v = pd.concat([v, pd.to_numeric(rows[col], errors="coerce")])
+        v = v.dropna()
+        return self.minimize and len(v) > 0 and (v > 0).all() and v.max() / v.min() > 10
+
+    def references(self, ax, task: str, value=None, baseline=True) -> list[str]:
+        """Draw the memoryless baseline (when the objective is the loss it is defined on) and the
+        solved threshold of one cell row; return which were drawn."""
+        rows = self.t.results[(self.t.results.task == task)]
+        if value is not None:
+            rows = rows[rows.ladder_value == value]
+        drawn = []
+        if baseline and self.metric == "loss" and "metric.baseline" in rows and rows["metric.baseline"].notna().any():
+            ax.axhline(rows["metric.baseline"].dropna().iloc[0], **BASELINE, label="memoryless baseline")
+            drawn.append("baseline")
+        if "solved_threshold" in rows and pd.to_numeric(rows.solved_threshold, errors="coerce").notna().any():
+            ax.axhline(pd.to_numeric(rows.solved_threshold).dropna().iloc[0], **THRESHOLD, label="solved threshold")
+            drawn.append("threshold")
+        return drawn
+
+    def reference_words(self, drawn: set[str]) -> str:
+        words = []
+        if "baseline" in drawn:
+            words.append("dashed grey: the memoryless baseline (the loss of the best predictor that ignores "
+                         "the sequence's history)")
+        if "threshold" in drawn:
+            op = "below" if self.minimize else "at or above"
+            words.append(f"dotted red: the solved threshold (the task counts as solved with {self.metric} {op} it)")
+        if not drawn & {"threshold"}:
+            words.append(f"no solved threshold drawn: the task's solved criterion is not on {self.metric} "
+                         "(success rates use the logged `solved` metric)")
+        return "; ".join(words) + "."
+
+    def runs_word(self) -> str:
+        return "replicate runs (seeds)" if self.unit == "replicate" else "complete search trials"
+
+    # --- 1. objective per variant ------------------------------------------------------------------
+    def objective(self, task: str) -> Figure | None:
+        data = self.runs[(self.runs.task == task) & self.runs.value.notna()]
+        if data.empty:
+            return None
+        values, ladder = self.values(task), self.ladder(task)
+        fig, axes = self.panels(len(values))
+        drawn: set[str] = set()
+        for ax, value in zip(axes, values):
+            panel = data[data.ladder_value == value]
+            sns.stripplot(panel, x="variant", y="value", hue="variant", order=self.order, hue_order=self.order,
+                          palette=self.palette, ax=ax, jitter=0.12, size=5, alpha=0.75, legend=False)
+            stats = self.cells[(self.cells.task == task) & (self.cells.ladder_value == value)].set_index("variant")
+            for x, v in enumerate(self.order):
+                if v in stats.index and np.isfinite(stats.loc[v, "mean"]):
+                    s = stats.loc[v]
+                    ax.errorbar(x + 0.3, s["mean"], yerr=[[s["mean"] - s.ci_low], [s.ci_high - s["mean"]]],
+                                fmt="D", c="k", ms=4, capsize=3, lw=1.2)
+            drawn |= set(self.references(ax, task, value))
+            ax.set(title=f"{ladder} = {value}", xlabel="", ylabel=f"final {self.metric}")
+            ax.tick_params(axis="x", rotation=30)
+        if self.logy(data.value, task):
+            axes[0].set_yscale("log")
+        if drawn:
+            axes[-1].legend()
+            self.outside_legend(axes[-1])
+        fig.suptitle(f"{task}: final {self.metric} per variant")
+        save(fig, self.folder, f"objective_{task}")
+        n = data.groupby(["ladder_value", "variant"]).size()
+        return Figure(f"objective_{task}", f"{task}: objective per variant", (
+            f"{task}: the final held-out {self.metric} of the {self.runs_word()} (coloured dots, one per run; "
+            f"{span(n)} per variant and {ladder}) and their mean with its 95% bootstrap CI (black "
+            f"diamond and bar), per variant; one panel per {ladder}"
+            f"{'; log y' if axes[0].get_yscale() == 'log' else ''}. " + self.reference_words(drawn)))
+
+    # --- 2. difficulty curves ------------------------------------------------------------------------
+    def difficulty(self, task: str) -> Figure | None:
+        cells = self.cells[self.cells.task == task]
+        if cells.empty:
+            return None
+        ladder = self.ladder(task)
+        fig, (left, right) = self.panels(2, width=4.2, sharey=False)
+        sns.lineplot(cells, x="ladder_value", y="success_rate", hue="variant", hue_order=self.order,
+                     palette=self.palette, marker="o", ax=left, errorbar=None, legend=False)
+        left.set(ylim=(-0.05, 1.05), xlabel=ladder, ylabel="success rate (fraction of seeds solved)")
+        for v, g in cells.groupby("variant", sort=False):
+            right.errorbar(g.ladder_value, g["mean"], yerr=[g["mean"] - g.ci_low, g.ci_high - g["mean"]],
+                           marker="o", capsize=3, c=self.palette.get(v), label=v)
+        per_value = self.t.results[self.t.results.task == task].groupby("ladder_value")
+        drawn = ""
+        if self.metric == "loss" and "metric.baseline" in self.t.results:
+            base = per_value["metric.baseline"].first().dropna()
+            right.plot(base.index, base.values, **BASELINE, marker="x", label="memoryless baseline")
+            drawn += " Dashed grey with crosses: the memoryless baseline at each value."
+        thresholds = pd.to_numeric(per_value.solved_threshold.first(), errors="coerce").dropna()
+        if len(thresholds):
+            right.plot(thresholds.index, thresholds.values, **THRESHOLD, marker="+", label="solved threshold")
+            drawn += " Dotted red with pluses: the solved threshold at each value."
+        right.set(xlabel=ladder, ylabel=f"final {self.metric}")
+        if self.logy(cells["mean"], task):
+            right.set_yscale("log")
+        right.legend()
+        self.outside_legend(right)
+        for ax in (left, right):
+            ax.set_xticks(sorted(cells.ladder_value.unique()))
+        fig.suptitle(f"{task}: difficulty against {ladder}")
+        save(fig, self.folder, f"difficulty_{task}")
+        return Figure(f"difficulty_{task}", f"{task}: where each variant stops coping", (
+            f"{task}, against {ladder}: left, the success rate per variant (the fraction of its "
+            f"{self.runs_word()} whose final eval met the task's solved criterion); right, the mean final "
+            f"{self.metric} with its 95% bootstrap CI." + drawn))
+
+    # --- 3. learning curves --------------------------------------------------------------------------
+    def learning(self, task: str) -> Figure | None:
+        runs = self.runs[self.runs.task == task]
+        curves = self.t.curves[(self.t.curves.metric == self.metric) & self.t.curves.run_id.isin(runs.run_id)]
+        if curves.empty:
+            return None
+        curves = curves.merge(runs[["run_id", "variant", "ladder_value"]], on="run_id")
+        values, ladder = self.values(task), self.ladder(task)
+        fig, axes = self.panels(len(values))
+        drawn: set[str] = set()
+        for ax, value in zip(axes, values):
+            panel = curves[curves.ladder_value == value]
+            sns.lineplot(panel, x="step", y="value", hue="variant", hue_order=self.order, palette=self.palette,
+                         estimator="median", errorbar=("pi", 50), ax=ax, legend=ax is axes[-1])
+            drawn |= set(self.references(ax, task, value))
+            ax.set(title=f"{ladder} = {value}", xlabel="training step", ylabel=f"held-out {self.metric}")
+        self.outside_legend(axes[-1])
+        if self.logy(curves.value, task):
+            axes[0].set_yscale("log")
+        fig.suptitle(f"{task}: learning curves")
+        save(fig, self.folder, f"learning_{task}")
+        return Figure(f"learning_{task}", f"{task}: learning curves", (
+            f"{task}: held-out {self.metric} at each evaluation step; line: the median over the "
+            f"{self.runs_word()} of each variant, band: their 25th-75th percentile; one panel per {ladder}. "
+            + self.reference_words(drawn)))
+
+    # --- 4. hyperparameter importance ----------------------------------------------------------------
+    def importance(self, task: str) -> Figure | None:
+        imp = self.t.importance[(self.t.importance.task == task) & self.t.importance.importance.notna()]
+        if imp.empty:
+            return None
+        ladder = self.ladder(task)
+        imp = imp.assign(row=[f"{v}, {ladder}={x}" for v, x in zip(imp.variant, imp.ladder_value)],
+                         _v=imp.variant.map({v: i for i, v in enumerate(self.order)}))
+        rows = imp.sort_values(["_v", "ladder_value"], kind="stable").row.unique()
+        grid = imp.pivot_table(index="row", columns="param", values="importance", sort=False).reindex(rows)
+        fig, ax = plt.subplots(figsize=(1.2 * grid.shape[1] + 3, 0.35 * grid.shape[0] + 1.4), layout="constrained")
+        sns.heatmap(grid, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", ax=ax,
+                    cbar_kws={"label": "importance"})
+        ax.set(xlabel="hyperparameter", ylabel="")
+        ax.set_title(f"{task}: hyperparameter importance (PED-ANOVA)")
+        save(fig, self.folder, f"importance_{task}")
+        n = imp.groupby("cell").n_trials.first()
+        notes = sorted(set(imp.note.dropna()) - {""})
+        return Figure(f"importance_{task}", f"{task}: hyperparameter importance", (
+            f"{task}: importance of each searched hyperparameter (columns) for each variant and {ladder} (rows), "
+            f"by PED-ANOVA (optuna.importance.PedAnovaImportanceEvaluator, Optuna 5's default) over the cell's "
+            f"complete search trials ({span(n)} per cell), normalised to sum 1 per row."
+            + (f" Note: {'; '.join(notes)}." if notes else "")))
+
+    # --- 5. learning-rate sensitivity ----------------------------------------------------------------
+    def lr_sensitivity(self, task: str) -> Figure | None:
+        res = self.t.results
+        if "param.lr" not in res:
+            return None
+        data = res[(res.task == task) & (res.kind == "search") & (res.state == "COMPLETE")].copy()
+        data["lr"] = pd.to_numeric(data["param.lr"], errors="coerce")
+        data = data[np.isfinite(pd.to_numeric(data.objective, errors="coerce")) & data.lr.notna()]
+        if data.lr.nunique() < 2:
+            return None
+        values, ladder = self.values(task), self.ladder(task)
+        fig, axes = self.panels(len(values))
+        drawn: set[str] = set()
+        for ax, value in zip(axes, values):
+            panel = data[data.ladder_value == value]
+            sns.scatterplot(panel, x="lr", y="objective", hue="variant", hue_order=self.order, palette=self.palette,
+                            ax=ax, s=30, alpha=0.8, legend=ax is axes[-1])
+            drawn |= set(self.references(ax, task, value))
+            ax.set_xscale("log")
+            ax.set(title=f"{ladder} = {value}", xlabel="learning rate", ylabel=f"final {self.metric}")
+        self.outside_legend(axes[-1])
+        if self.logy(data.objective, task):
+            axes[0].set_yscale("log")
+        fig.suptitle(f"{task}: learning-rate sensitivity")
+        save(fig, self.folder, f"lr_{task}")
+        return Figure(f"lr_{task}", f"{task}: learning-rate sensitivity", (
+            f"{task}: final held-out {self.metric} of every complete search trial (one dot each, "
+            f"{len(data)} in all) against its learning rate (log x), coloured by variant; one panel per "
+            f"{ladder} (as in Greff et al. 2017). " + self.reference_words(drawn)))
+
+    # --- 6. cost ------------------------------------------------------------------------------------
+    def cost(self, task: str) -> Figure | None:
+        data = self.runs[(self.runs.task == task) & self.runs.value.notna()].copy()
+        cols = {"param.n_params": "parameters", "metric.seconds_per_step": "training seconds per step"}
+        if data.empty or not set(cols) <= set(data.columns):
+            return None
+        ladder = self.ladder(task)
+        fig, axes = self.panels(2, width=4.0)
+        for ax, (col, label) in zip(axes, cols.items()):
+            data[label] = pd.to_numeric(data[col], errors="coerce")
+            sns.scatterplot(data, x=label, y="value", hue="variant", hue_order=self.order, palette=self.palette,
+                            style=ladder, ax=ax, s=40, alpha=0.8, legend=ax is axes[-1])
+            ax.set(ylabel=f"final {self.metric}")
+        self.outside_legend(axes[-1])
+        if self.logy(data.value):
+            axes[0].set_yscale("log")
+        fig.suptitle(f"{task}: cost against result")
+        save(fig, self.folder, f"cost_{task}")
+        return Figure(f"cost_{task}", f"{task}: cost", (
+            f"{task}: final held-out {self.metric} of the {self.runs_word()} (one dot each) against the model's number of "
+            f"trainable parameters (left) and its measured training time per step in seconds (right, "
+            f"wall-clock on the worker that ran it); colour: variant, marker: {ladder}."))
+
+    # --- 7. gradient by lag -------------------------------------------------------------------------
+    def gradient(self, task: str) -> Figure | None:
+        runs = self.t.results[(self.t.results.task == task) & (self.t.results.kind == "replicate")]
+        data = self.t.grad_by_lag[self.t.grad_by_lag.run_id.isin(runs.run_id)]
+        data = data[data.norm > 0]
+        if data.empty:
+            return None
+        data = data.merge(runs[["run_id", "variant", "ladder_value"]], on="run_id")
+        values, ladder = self.values(task), self.ladder(task)
+        fig, axes = self.panels(len(values))
+        for ax, value in zip(axes, values):
+            sns.lineplot(data[data.ladder_value == value], x="lag", y="norm", hue="variant", hue_order=self.order,
+                         palette=self.palette, style="phase", style_order=["trained", "init"], estimator="median",
+                         errorbar=None, ax=ax, legend=ax is axes[-1])
+            ax.set(title=f"{ladder} = {value}", xlabel="lag to the end of the sequence (steps)",
+                   ylabel="‖∂ loss / ∂ h_t‖", yscale="log")
+        self.outside_legend(axes[-1])
+        fig.suptitle(f"{task}: gradient reaching each step")
+        save(fig, self.folder, f"gradient_{task}")
+        n = data.groupby(["ladder_value", "variant"]).run_id.nunique()
+        return Figure(f"gradient_{task}", f"{task}: gradient against lag", (
+            f"{task}: the norm of d loss / d h_t (the top layer's hidden state at step t, mean over a fixed "
+            f"probe batch) against the lag T-1-t, at initialisation (dashed) and after training (solid); "
+            f"median over the replicate runs ({span(n)} per variant); log y; one panel per {ladder}. "
+            "A steep fall with lag is the vanishing gradient (Hochreiter 1991; Bengio et al. 1994)."))
+
+
+KINDS = ("objective", "difficulty", "learning", "importance", "lr_sensitivity", "cost", "gradient")
+WHY_MISSING = {
+    "objective": "no run has a finite objective",
+    "difficulty": "no aggregated cell",
+    "learning": "no per-eval curve of the objective metric was logged",
+    "importance": "importance needs at least 2 complete search trials per cell (see importance.csv notes)",
+    "lr_sensitivity": "the learning rate was not searched (a single value)",
+    "cost": "no run has both a parameter count and a time per step",
+    "gradient": "no replicate run logged grad_by_lag.json",
+}
+
+
+def draw_all(tables: Tables, cells: pd.DataFrame, folder: Path) -> dict[str, list[tuple[str, Figure | str]]]:
+    """Every figure of every task: {task: [(kind, Figure or the reason it is missing)]}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in [*folder.glob("*.png"), *folder.glob("*.svg")]:
+        old.unlink()
+    out = {}
+    with style():
+        painter = Painter(tables, cells, folder)
+        for task in tables.tasks:
+            out[task] = [(kind, getattr(painter, kind)(task) or WHY_MISSING[kind]) for kind in KINDS]
+    return out
+

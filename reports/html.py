@@ -1,0 +1,108 @@
+"""index.html: one self-describing page per study (study file, summary, statistics, figures, manifest),
+linking its figures relatively so the folder can be zipped and sent as is."""
+
+from __future__ import annotations
+
+import html
+import json
+
+import numpy as np
+import pandas as pd
+
+from reports.figures import Figure
+
+CSS = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 1em;color:#222}"
+       "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{padding:2px 7px;text-align:right;"
+       "border-bottom:1px solid #ddd}th{background:#f3f3f3}tr.sig td{font-weight:bold}"
+       "img{max-width:100%}figure{margin:1.5em 0}figcaption{font-size:13px;color:#444;max-width:900px}"
+       "pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:12px}dt{font-weight:bold}dd{margin-bottom:.4em}")
+
+
+def _num(x, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)) or x is pd.NA:
+        return ""
+    if isinstance(x, (float, np.floating)):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _table(df: pd.DataFrame, row_class=None) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = []
+    for i, (_, row) in enumerate(df.iterrows()):
+        cls = f' class="{row_class[i]}"' if row_class is not None and row_class[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(_num(v))}</td>" for v in row) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def summary_view(summ: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The summary as people read it: mean [CI], successes k/n, trial counts."""
+    view = summ[["task", "ladder_value", "variant"]].copy()
+    for col in [c for c in summ.columns if c.startswith("trials_")]:
+        view[col.removeprefix("trials_") + " trials"] = summ[col].fillna(0).astype(int)
+    view["best search " + metric] = summ.get("best_search")
+    if "best_lr" in summ:
+        view["best lr"] = summ.best_lr
+    view["n"] = summ.n.fillna(0).astype(int)
+    view[f"mean {metric} [95% CI]"] = [f"{_num(m)} [{_num(lo)}, {_num(hi)}]" if np.isfinite(m) else ""
+                                       for m, lo, hi in zip(summ["mean"], summ.ci_low, summ.ci_high)]
+    view["solved"] = [f"{int(k)}/{int(n)}" if n == n else "" for k, n in zip(summ.solved, summ.runs)]
+    for col, name in (("baseline", "baseline"), ("solved_threshold", "solved threshold"),
+                      ("n_params", "parameters"), ("seconds_per_step", "s/step")):
+        if col in summ:
+            view[name] = summ[col]
+    return view
+
+
+def stats_view(vs: pd.DataFrame) -> pd.DataFrame:
+    cols = {"task": "task", "ladder_value": "ladder_value", "variant": "variant", "n": "n", "n_ref": "n ref",
+            "mean": "mean", "mean_ref": "mean ref", "diff": "diff", "better": "", "p_welch": "p Welch",
+            "p_welch_holm": "p Welch (Holm)", "p_mwu": "p MWU", "p_mwu_holm": "p MWU (Holm)",
+            "hedges_g": "Hedges g", "rank_biserial": "rank-biserial r", "success_rate": "success",
+            "success_rate_ref": "success ref"}
+    view = vs[list(cols)].rename(columns=cols)
+    view.insert(3, "sig.", ["*" if s else "" for s in vs.significant])
+    return view
+
+
+def page(study: str, study_file: str, summ: pd.DataFrame, vs: pd.DataFrame, reference: str,
+         figures: dict[str, list[tuple[str, Figure | str]]], manifest: dict, metric: str, files: list[str]) -> str:
+    e = html.escape
+    parts = [f"<h1>rnnbench report: {e(study)}</h1>",
+             "<p>Contents: <a href='#policy'>aggregation policy</a> · <a href='#summary'>summary</a> · "
+             "<a href='#stats'>statistics</a> · <a href='#figures'>figures</a> · <a href='#study'>study file</a> · "
+             "<a href='#manifest'>manifest</a></p>"]
+    policy = manifest["report"]["aggregation"]
+    parts += ["<h2 id='policy'>Aggregation policy</h2><dl>"]
+    parts += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in policy.items()]
+    parts += ["</dl>", "<h2 id='summary'>Summary per cell</h2>"]
+    if summ.empty:
+        parts.append("<p>No trial has run yet.</p>")
+    else:
+        parts.append(_table(summary_view(summ, metric)))
+    parts += [f"<h2 id='stats'>Each variant against the reference ({e(reference)})</h2>",
+              "<p>Bold and * : significant after Holm correction (either test). diff = mean(variant) − "
+              f"mean({e(reference)}); 'better'/'worse' follow the objective's direction.</p>"]
+    parts.append(_table(stats_view(vs), ["sig" if s else "" for s in vs.significant]) if len(vs)
+                 else "<p>No comparison: a single variant, or no aggregated runs.</p>")
+    parts.append("<h2 id='figures'>Figures</h2>")
+    for task, items in figures.items():
+        parts.append(f"<h3>{e(task)}</h3>")
+        for kind, fig in items:
+            if isinstance(fig, Figure):
+                parts.append(f'<figure id="{e(fig.stem)}"><img src="figures/{e(fig.stem)}.png" alt="{e(fig.title)}">'
+                             f"<figcaption><b>{e(fig.title)}.</b> {e(fig.caption)} "
+                             f'(<a href="figures/{e(fig.stem)}.svg">SVG</a>)</figcaption></figure>')
+            else:
+                parts.append(f"<p><i>{e(kind)}: not drawn: {e(fig)}.</i></p>")
+    parts += ["<h2 id='study'>Study file</h2>", f"<pre>{e(study_file or '(not recorded)')}</pre>",
+              "<h2 id='manifest'>Manifest</h2>",
+              "<p>Data: " + " · ".join(f'<a href="{e(f)}">{e(f)}</a>' for f in files) + "</p>"]
+    shown = json.loads(json.dumps(manifest))
+    shown["collection"].pop("study_file", None)
+    ids = shown["collection"].pop("mlflow_run_ids", [])
+    shown["collection"]["mlflow_run_ids"] = f"{len(ids)} runs (listed in manifest.json)"
+    parts.append(f"<pre>{e(json.dumps(shown, indent=1, sort_keys=True))}</pre>")
+    return ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>rnnbench: {e(study)}</title><style>{CSS}</style></head><body>"
+            + "\n".join(parts) + "</body></html>\n")

@@ -1,0 +1,60 @@
+"""Shared fixtures. ``tiny_study`` runs one real study (spec -> Optuna -> MLflow) once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+TINY = textwrap.dedent("""\
+    name: tiny
+    seed: 3
+    tasks:
+      - task: adding
+        seq_len: [8, 12]
+      - task: copy_memory
+        seq_len: 5
+        n_copy: 2
+    variants: [rnn, lstm]
+    model: {hidden_size: 16}
+    train: {steps: 40, eval_every: 20, eval_size: 64, batch_size: 16}
+    search_space:
+      lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+    trials: 2
+    replicates: 2
+    pruner: none
+    """)
+
+
+def rnnbench(*args, cwd=None, check=True, timeout=600) -> subprocess.CompletedProcess:
+    """Run the real command line in a fresh interpreter."""
+    proc = subprocess.run([sys.executable, "-m", "rnnbench", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rnnbench {' '.join(map(str, args))} exited {proc.returncode}:\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@dataclass
+class StudyRun:
+    spec: Path
+    root: Path
+    name: str
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory) -> StudyRun:
+    base = tmp_path_factory.mktemp("tiny")
+    spec = base / "tiny.yaml"
+    spec.write_text(TINY)
+    proc = rnnbench("run", spec, "--root", base / "runs")
+    return StudyRun(spec, base / "runs", "tiny", proc.stdout)

@@ -1,0 +1,188 @@
+"""The study engine under stress: kill -9 and resume, parallel workers, divergence, errors, changed specs."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import rnnbench
+from studies import spec as specs
+from studies.engine import optuna_name
+from studies.store import Store
+
+
+def write_spec(tmp_path, text: str, name="s.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def trials_of(root, spec_path, kind="search"):
+    spec, _, _ = specs.load(spec_path)
+    storage = Store(root).optuna_storage()
+    return {c.key: optuna.load_study(study_name=optuna_name(spec, c, kind), storage=storage).get_trials()
+            for c in specs.cells(spec)}
+
+
+def trial_runs(root, study):
+    client = MlflowClient(Store(root).tracking_uri)
+    exp = client.get_experiment_by_name(study)
+    return client.search_runs([exp.experiment_id], "tags.`rnnbench.role` = 'trial'", max_results=1000)
+
+
+def assert_consistent(root, spec_path, study, trials):
+    """Exact counts, one MLflow run per Optuna trial that started, nothing left RUNNING."""
+    runs = trial_runs(root, study)
+    by_id = {r.info.run_id: r for r in runs}
+    assert len(by_id) == len(runs)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    claimed = []
+    for key, ts in trials_of(root, spec_path).items():
+        counted = [t for t in ts if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+                   and "interrupted" not in t.user_attrs]
+        assert len(counted) == trials, key
+        assert not [t for t in ts if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        claimed += [t.user_attrs["mlflow_run_id"] for t in ts if "mlflow_run_id" in t.user_attrs]
+    for ts in trials_of(root, spec_path, "replicate").values():
+        assert not [t for t in ts if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        claimed += [t.user_attrs["mlflow_run_id"] for t in ts if "mlflow_run_id" in t.user_attrs]
+    assert len(set(claimed)) == len(claimed)  # no run shared by two trials
+    assert set(claimed) == set(by_id)  # and no run without its trial
+    return runs
+
+
+KILL = """\
+name: killme
+seed: 1
+tasks: [{task: adding, seq_len: 40}]
+variants: [lstm, gru]
+model: {hidden_size: 32}
+train: {steps: 200, eval_every: 20, eval_size: 64, batch_size: 32}
+search_space: {lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}}
+trials: 3
+replicates: 1
+pruner: none
+"""
+
+
+def test_kill_9_mid_trial_then_resume(tmp_path):
+    spec_path, root = write_spec(tmp_path, KILL), tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "rnnbench", "run", str(spec_path), "--root", str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # wait for: one trial ended, another one mid-way with its MLflow run
+            time.sleep(0.5)
+            if not (root / "optuna.journal").exists():
+                continue
+            try:
+                ts = [t for v in trials_of(root, spec_path).values() for t in v]
+            except KeyError:
+                continue
+            running = [t for t in ts if t.state == TrialState.RUNNING and t.intermediate_values]
+            if running and any(t.state == TrialState.COMPLETE for t in ts):
+                break
+        else:
+            pytest.fail("the study never reached a mid-trial state")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert [r for r in trial_runs(root, "killme") if r.info.status == "RUNNING"]  # the kill left a run open
+
+    rnnbench("run", spec_path, "--root", root)
+    runs = assert_consistent(root, spec_path, "killme", trials=3)
+    interrupted = [r for r in runs if "rnnbench.interrupted" in r.data.tags]
+    assert interrupted and all(r.info.status == "KILLED" for r in interrupted)
+    interrupted_trials = [t for v in trials_of(root, spec_path).values() for t in v if "interrupted" in t.user_attrs]
+    assert len(interrupted_trials) == len(interrupted)
+    assert len([r for r in runs if r.data.tags["rnnbench.kind"] == "replicate"
+                and "rnnbench.interrupted" not in r.data.tags]) == 2
+
+
+def test_two_workers_share_the_queue(tmp_path):
+    spec_path, root = write_spec(tmp_path, KILL.replace("steps: 200", "steps: 40")), tmp_path / "runs"
+    rnnbench("run", spec_path, "--root", root, "--workers", 2)
+    runs = assert_consistent(root, spec_path, "killme", trials=3)
+    assert len(runs) == 2 * (3 + 1)
+    assert len({r.data.tags["rnnbench.worker"] for r in runs}) == 2
+
+
+def test_divergence_and_errors_fail_one_trial_not_the_study(tmp_path):
+    spec_path = write_spec(tmp_path, """\
+        name: broken
+        tasks: [{task: adding, seq_len: 10}, {task: copy_memory, seq_len: 5, n_copy: 2}]
+        variants: [rnn]
+        model: {hidden_size: 16}
+        train: {steps: 20, eval_every: 10, eval_size: 32, batch_size: 8, grad_clip: null}
+        search_space: {lr: {type: categorical, choices: [0.001, 1.0e+30]}}
+        sampler: grid
+        trials: 2
+        replicates: 1
+        objective: {metric: recall_acc, direction: maximize}
+        """)
+    root = tmp_path / "runs"
+    proc = rnnbench("run", spec_path, "--root", root)
+    assert "failed trials" in proc.stdout
+    assert_consistent(root, spec_path, "broken", trials=2)
+    runs = trial_runs(root, "broken")
+    adding = [r for r in runs if r.data.tags["rnnbench.task"] == "adding"]
+    # adding reports no recall_acc: every trial fails with a message naming the metric; no replicates
+    assert len(adding) == 2 and all(r.info.status == "FAILED" for r in adding)
+    error = {r.data.params["lr"]: r.data.tags["rnnbench.error"] for r in adding}
+    assert "objective metric 'recall_acc' is not reported by task adding" in error["0.001"]
+    assert error["1e+30"].startswith("Divergence")
+    copy = [r for r in runs if r.data.tags["rnnbench.task"] == "copy_memory"]
+    assert len(copy) == 3 and all(r.info.status == "FINISHED" for r in copy)  # the study went on
+    status = rnnbench("status", spec_path, "--root", root).stdout
+    assert "copy_memory(seq_len=5,n_copy=2)/rnn" in status and "1/1" in status
+
+
+def test_changed_search_space_is_refused(tiny_study, tmp_path):
+    text = tiny_study.spec.read_text().replace("high: 1.0e-2", "high: 2.0e-2")
+    changed = write_spec(tmp_path, text, "tiny.yaml")
+    proc = rnnbench("run", changed, "--root", tiny_study.root, check=False)
+    assert proc.returncode == 2
+    assert "changed this cell's definition" in proc.stderr and "new 'name'" in proc.stderr
+    client = MlflowClient(Store(tiny_study.root).tracking_uri)
+    note = client.get_experiment_by_name("tiny").tags["mlflow.note.content"]
+    assert "high: 1.0e-2" in note  # the stored study file is untouched
+
+
+def test_busy_root_is_refused(tmp_path):
+    store = Store(tmp_path / "runs")
+    fd = store.lock()
+    try:
+        proc = rnnbench("run", "quickstart", "--root", store.root, check=False)
+        assert proc.returncode == 2 and "another `rnnbench run`" in proc.stderr
+    finally:
+        os.close(fd)
+
+
+def test_same_spec_and_seed_give_the_same_numbers(tmp_path):
+    spec_path = write_spec(tmp_path, """\
+        name: det
+        seed: 7
+        tasks: [{task: adding, seq_len: 10}]
+        variants: [gru]
+        model: {hidden_size: 8}
+        train: {steps: 20, eval_every: 10, eval_size: 32, batch_size: 8}
+        search_space:
+          lr: {type: float, low: 1.0e-3, high: 1.0e-1, log: true}
+          batch_size: {type: categorical, choices: [4, 8, 16]}
+        trials: 3
+        replicates: 1
+        """)
+    values = []
+    for root in ("a", "b"):
+        rnnbench("run", spec_path, "--root", tmp_path / root)
+        ts = trials_of(tmp_path / root, spec_path)["adding(seq_len=10)/gru"]
+        values.append([(t.params, t.value) for t in ts])
+    assert values[0] == values[1]
+    assert len({v[0]["lr"] for v in values[0]}) == 3  # and the trials did differ from each other

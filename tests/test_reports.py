@@ -1,0 +1,129 @@
+"""`rnnbench report` on a real tiny study, and `--from` regeneration byte for byte without MLflow."""
+
+import hashlib
+import json
+import shutil
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import rnnbench
+from reports import tables as saved
+from reports.build import build_report, publish
+from reports.figures import KINDS
+from reports.stats import versus_reference
+from studies.store import Store
+
+RUNS = 24  # 6 cells x (2 search trials + 2 replicates)
+
+
+@pytest.fixture(scope="module")
+def report(tiny_study):
+    proc = rnnbench("report", "tiny", "--root", tiny_study.root)
+    return tiny_study.root / "reports" / "tiny", proc.stdout
+
+
+def _hashes(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_tables_hold_everything_the_figures_need(report, tiny_study):
+    out, _ = report
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == RUNS and len(pd.read_csv(out / "results.csv")) == RUNS
+    assert {"study", "task", "variant", "seq_len", "trial", "param.lr", "objective", "state", "solved_threshold",
+            "metric.solved", "metric.baseline", "param.n_params", "metric.seconds_per_step", "run_id"} <= set(results)
+    # solved threshold: adding is solved below 1% of its baseline; copy memory's criterion is not on the loss
+    adding = results[results.task == "adding"]
+    assert adding.solved_threshold.to_numpy() == pytest.approx(0.01 * adding["metric.baseline"].to_numpy(), rel=1e-4)
+    assert results[results.task == "copy_memory"].solved_threshold.isna().all()
+
+    curves = pd.read_parquet(out / "curves.parquet")
+    assert set(curves.run_id) == set(results.run_id) and {"loss", "solved"} <= set(curves.metric)
+    steps = curves[curves.metric == "loss"].groupby("run_id").step.apply(list)
+    assert len(steps) == RUNS and all(s == [20, 40] for s in steps)
+
+    grads = pd.read_parquet(out / "grad_by_lag.parquet")
+    replicates = set(results[results.kind == "replicate"].run_id)
+    assert set(grads.run_id) == replicates and set(grads.phase) == {"init", "trained"}
+    for _, g in grads.groupby(["run_id", "phase"]):
+        assert g.lag.tolist() == list(range(len(g))) and (g.norm >= 0).all()
+
+    imp = pd.read_parquet(out / "importance.parquet")
+    assert len(imp) == 6 and set(imp.param) == {"lr"} and imp.importance.tolist() == pytest.approx([1.0] * 6)
+    assert imp.note.str.contains("single searched hyperparameter").all()
+
+
+def test_manifest_states_provenance_and_policy(report, tiny_study):
+    out, _ = report
+    manifest = json.loads((out / "manifest.json").read_text())
+    col, rep = manifest["collection"], manifest["report"]
+    assert col["study_sha256"] == hashlib.sha256(tiny_study.spec.read_text().encode()).hexdigest()
+    assert col["study_file"].strip() == tiny_study.spec.read_text().strip()
+    results = pd.read_parquet(out / "results.parquet")
+    assert col["mlflow_run_ids"] == sorted(results.run_id)
+    assert sum(col["git_commits"].values()) == RUNS
+    assert {"torch", "optuna", "mlflow"} <= set(col["versions_of_runs"])
+    assert "PED-ANOVA" in col["importance_method"]
+    assert rep["reference"] == "lstm" and "replicate runs" in rep["aggregation"]["runs per cell"]
+    assert "bootstrap" in rep["aggregation"]["centre and interval"]
+    for name, digest in rep["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    assert len(rep["figures"]) == len(KINDS) * 2 * 2  # every kind, 2 tasks, PNG + SVG
+
+
+def test_index_page_has_study_stats_figures_and_captions(report):
+    out, stdout = report
+    assert str(out / "index.html") in stdout
+    page = (out / "index.html").read_text()
+    assert "seq_len: [8, 12]" in page  # the study file
+    assert "Welch" in page and "Holm" in page and "Hedges" in page
+    stats = pd.read_csv(out / "statistics.csv")
+    assert len(stats) == 3 and set(stats.variant) == {"rnn"} and set(stats.reference) == {"lstm"}
+    for task in ("adding", "copy_memory"):
+        for kind in ("objective", "difficulty", "learning", "importance", "lr", "cost", "gradient"):
+            stem = f"{kind}_{task}"
+            assert f'src="figures/{stem}.png"' in page
+            assert (out / "figures" / f"{stem}.png").stat().st_size > 5000
+            assert (out / "figures" / f"{stem}.svg").stat().st_size > 5000
+    assert page.count("<figcaption>") == 14
+
+
+def test_report_is_logged_to_mlflow_once_and_never_as_a_trial(report, tiny_study):
+    out, _ = report
+    store = Store(tiny_study.root)
+    client = MlflowClient(store.tracking_uri)
+    publish(client, "tiny", out)  # a regeneration replaces the report run
+    exp = client.get_experiment_by_name("tiny")
+    reports = client.search_runs([exp.experiment_id], "tags.`rnnbench.role` = 'report'")
+    assert len(reports) == 1
+    names = {a.path for a in client.list_artifacts(reports[0].info.run_id)}
+    assert {"index.html", "results.parquet", "manifest.json", "figures"} <= names
+    trials = client.search_runs([exp.experiment_id], "tags.`rnnbench.role` = 'trial'", max_results=1000)
+    assert len(trials) == RUNS
+
+
+def test_from_regenerates_byte_identical_without_mlflow(report, tmp_path):
+    out, _ = report
+    copy = tmp_path / "sent-to-a-colleague"
+    shutil.copytree(out, copy)  # no study store anywhere near it
+    rnnbench("report", "--from", copy, "--out", tmp_path / "a", "--root", tmp_path / "no-store")
+    build_report(saved.load(copy / "results.parquet"), tmp_path / "b", source=copy)
+    first, second = _hashes(tmp_path / "a"), _hashes(tmp_path / "b")
+    assert first == second
+    assert first == _hashes(out)  # and identical to the report drawn straight after collection
+    assert not (tmp_path / "no-store").exists()
+
+
+def test_reference_option_and_user_errors(report, tmp_path):
+    out, _ = report
+    vs = versus_reference(saved.load(out), "rnn")
+    assert set(vs.variant) == {"lstm"} and set(vs.reference) == {"rnn"} and len(vs) == 3
+    bad = rnnbench("report", "--from", out, "--out", tmp_path / "x", "--reference", "gru", check=False)
+    assert bad.returncode == 2 and "gru" in bad.stderr and "Traceback" not in bad.stderr
+    neither = rnnbench("report", check=False)
+    assert neither.returncode == 2 and "--from" in neither.stderr
+    not_saved = rnnbench("report", "--from", tmp_path, check=False)
+    assert not_saved.returncode == 2 and "not a saved report" in not_saved.stderr

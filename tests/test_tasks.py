@@ -1,0 +1,527 @@
+"""Fast task tests: exact formats, baselines against a memoryless predictor, knobs, seeds, settings.
+
+Training runs live in ``test_tasks_sanity.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tasks import TASKS, Batch, TaskSettingError, build_task, task_fields
+from tasks.embedded_reber import SYMBOLS, EmbeddedReber
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL = sorted(TASKS)
+EXPECTED = {"copy_memory", "adding", "adding_1997", "temporal_order", "embedded_reber", "selective_copy",
+            "associative_recall"}
+
+# Small settings per task, and for every knob another valid value. A new knob without an entry here
+# fails test_every_knob_changes_the_data: declare what it should change.
+SMALL = {
+    "copy_memory": dict(seq_len=10, n_copy=3, n_symbols=4),
+    "adding": dict(seq_len=20),
+    "adding_1997": dict(seq_len=20),
+    "temporal_order": dict(seq_len=20, n_relevant=2),
+    "embedded_reber": dict(p_loop=0.5),
+    "selective_copy": dict(seq_len=16, n_copy=2, vocab=6),
+    "associative_recall": dict(seq_len=16, n_pairs=2, n_queries=2, vocab=16, power_a=0.01),
+}
+OTHER = {
+    ("copy_memory", "seq_len"): 12, ("copy_memory", "n_copy"): 4, ("copy_memory", "n_symbols"): 6,
+    ("adding", "seq_len"): 30,
+    ("adding_1997", "seq_len"): 40,
+    ("temporal_order", "seq_len"): 40, ("temporal_order", "n_relevant"): 3,
+    ("embedded_reber", "p_loop"): 0.8,
+    ("selective_copy", "seq_len"): 20, ("selective_copy", "n_copy"): 3, ("selective_copy", "vocab"): 8,
+    ("associative_recall", "seq_len"): 24, ("associative_recall", "n_pairs"): 3,
+    ("associative_recall", "n_queries"): 1, ("associative_recall", "vocab"): 24,
+    ("associative_recall", "power_a"): 1.0,
+}
+SEEDS = range(20)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def small(name: str, **changes):
+    return build_task(name, **{**SMALL[name], **changes})
+
+
+def batches(task, size=64, seeds=SEEDS):
+    for s in seeds:
+        yield task.sample(size, gen(s))
+
+
+def same(a: Batch, b: Batch) -> bool:
+    pairs = [(a.x, b.x), (a.y, b.y), (a.mask, b.mask)]
+    return all((p is None and q is None) or (p is not None and q is not None and p.shape == q.shape
+                                             and torch.equal(p, q)) for p, q in pairs)
+
+
+# --- registry and contract -----------------------------------------------------------------------
+
+def test_every_task_is_registered():
+    assert EXPECTED <= set(TASKS)
+    assert set(SMALL) == set(TASKS), "give every task small settings in SMALL"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_task_states_its_contract(name):
+    cls = TASKS[name]
+    assert cls.input_kind in ("tokens", "real") and cls.output_kind in ("classes", "real")
+    assert cls.readout in ("all", "last", "mask")
+    assert cls.ladder in task_fields(name)
+    assert cls.description and cls.paper
+    doc = sys.modules[cls.__module__].__doc__
+    assert re.search(r"baseline", doc, re.I) and re.search(r"solved", doc, re.I)
+    default = cls()  # the defaults are valid settings
+    assert default.baseline > 0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_batch_layout_matches_the_declared_kinds(name):
+    task = small(name)
+    b = task.sample(8, gen(0))
+    B, T = b.x.shape[:2]
+    if task.input_kind == "tokens":
+        assert b.x.dtype == torch.long and b.x.dim() == 2
+        assert 0 <= b.x.min() and b.x.max() < task.input_size
+    else:
+        assert b.x.dtype == torch.float32 and b.x.shape == (B, T, task.input_size)
+    tail = () if task.output_kind == "classes" else (task.output_size,)
+    expect = {"all": (B, T), "mask": (B, T), "last": (B,)}[task.readout] + tail
+    assert b.y.shape == expect
+    assert (b.mask is not None) == (task.readout == "mask")
+    if b.mask is not None:
+        assert b.mask.dtype == torch.bool and b.mask.shape == (B, T) and b.mask.any(1).all()
+    if task.output_kind == "classes":
+        assert b.y.dtype == torch.long and 0 <= b.y.min() and b.y.max() < task.output_size
+    out = torch.randn(B, T, task.output_size)
+    metrics = task.metrics(out, b)
+    assert {"loss", "solved"} <= set(metrics) and all(math.isfinite(v) for v in metrics.values())
+
+
+# --- seeds and knobs -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ALL)
+def test_same_seed_same_data_other_seed_other_data(name):
+    task = small(name)
+    assert same(task.sample(32, gen(5)), task.sample(32, gen(5)))
+    assert not same(task.sample(32, gen(5)), task.sample(32, gen(6)))
+    assert same(task.eval_batch(32, seed=0), task.eval_batch(32, seed=0))
+    assert not same(task.eval_batch(32, seed=0), task.eval_batch(32, seed=1))
+    assert not same(task.eval_batch(32, seed=0), task.sample(32, gen(0)))
+
+
+def test_eval_batch_is_the_same_in_a_fresh_interpreter():
+    code = ("import torch; from tasks import build_task; "
+            "b = build_task('temporal_order', seq_len=20).eval_batch(16, seed=3); "
+            "print(int((b.x * torch.arange(b.x.numel()).view_as(b.x)).sum()), int(b.y.sum()))")
+    here = build_task("temporal_order", seq_len=20).eval_batch(16, seed=3)
+    expect = f"{int((here.x * torch.arange(here.x.numel()).view_as(here.x)).sum())} {int(here.y.sum())}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == expect
+
+
+def test_int_and_float_spellings_of_a_real_knob_are_one_setting():
+    a, b = small("associative_recall", power_a=1), small("associative_recall", power_a=1.0)
+    assert a.settings() == b.settings() and isinstance(a.power_a, float)
+    assert same(a.eval_batch(16, seed=0), b.eval_batch(16, seed=0))
+
+
+KNOBS = [(name, f) for name in ALL for f in task_fields(name)]
+
+
+@pytest.mark.parametrize("name,field", KNOBS, ids=[f"{n}.{f}" for n, f in KNOBS])
+def test_every_knob_changes_the_data(name, field):
+    if (name, field) not in OTHER:
+        pytest.fail(f"{name}.{field} is a new knob: add another valid value to OTHER")
+    base, changed = small(name), small(name, **{field: OTHER[(name, field)]})
+    assert not same(base.sample(32, gen(0)), changed.sample(32, gen(0)))
+    assert not same(base.eval_batch(32, seed=0), changed.eval_batch(32, seed=0))
+
+
+# --- settings that cannot work ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,field", KNOBS, ids=[f"{n}.{f}" for n, f in KNOBS])
+def test_wrong_types_are_rejected_naming_the_field(name, field):
+    default = next(f.default for f in dataclasses.fields(TASKS[name]) if f.name == field)
+    bad = {int: [True, 2.5, "3"], float: [True, "0.5", None]}[type(default)]
+    for value in bad:
+        with pytest.raises(TaskSettingError, match=re.escape(f"{name}.{field}")):
+            small(name, **{field: value})
+
+
+IMPOSSIBLE = [
+    ("copy_memory", dict(seq_len=0), "seq_len"),
+    ("copy_memory", dict(n_copy=0), "n_copy"),
+    ("copy_memory", dict(n_symbols=1), "n_symbols"),
+    ("adding", dict(seq_len=1), "seq_len"),
+    ("adding_1997", dict(seq_len=19), "seq_len"),
+    ("temporal_order", dict(seq_len=19), "seq_len"),
+    ("temporal_order", dict(n_relevant=4), "n_relevant"),
+    ("temporal_order", dict(n_relevant=1), "n_relevant"),
+    ("embedded_reber", dict(p_loop=1.0), "p_loop"),
+    ("embedded_reber", dict(p_loop=0), "p_loop"),
+    ("embedded_reber", dict(p_loop=-0.2), "p_loop"),
+    ("selective_copy", dict(n_copy=17), "n_copy"),
+    ("selective_copy", dict(vocab=3), "vocab"),
+    ("selective_copy", dict(seq_len=0), "seq_len"),
+    ("associative_recall", dict(vocab=6, n_pairs=3, n_queries=3, seq_len=16), "vocab"),
+    ("associative_recall", dict(n_queries=3), "n_queries"),
+    ("associative_recall", dict(n_queries=0), "n_queries"),
+    ("associative_recall", dict(seq_len=7), "seq_len"),
+    ("associative_recall", dict(power_a=0.0), "power_a"),
+]
+
+
+@pytest.mark.parametrize("name,changes,field", IMPOSSIBLE)
+def test_impossible_settings_are_rejected_naming_the_field(name, changes, field):
+    with pytest.raises(TaskSettingError, match=re.escape(f"{name}.{field}")):
+        small(name, **changes)
+
+
+def test_boundary_settings_are_accepted():
+    small("adding_1997", seq_len=20)
+    small("temporal_order", seq_len=20, n_relevant=3)
+    small("selective_copy", n_copy=16)  # no noise at all: plain copying
+    small("associative_recall", seq_len=8)  # 2 pairs + 2 queries exactly fill 8 steps
+    small("associative_recall", vocab=6, n_pairs=2, n_queries=2)  # keys 1, 2; values 3, 4, 5
+
+
+def test_unknown_setting_is_rejected():
+    with pytest.raises(TaskSettingError, match="has no setting 'seqlen'"):
+        build_task("temporal_order", seqlen=10)
+
+
+# --- exact formats -----------------------------------------------------------------------------------
+
+def test_copy_memory_format():
+    T, K, A = 10, 3, 4
+    task = small("copy_memory")
+    for b in batches(task):
+        x, y = b.x, b.y
+        assert x.shape == (64, T + 2 * K)
+        assert ((1 <= x[:, :K]) & (x[:, :K] <= A)).all()
+        assert (x[:, K:T + K - 1] == 0).all() and (x[:, T + K - 1] == A + 1).all() and (x[:, T + K:] == 0).all()
+        assert (y[:, :T + K] == 0).all() and torch.equal(y[:, T + K:], x[:, :K])
+    data = torch.cat([b.x[:, :K] for b in batches(task)])
+    assert set(data.unique().tolist()) == set(range(1, A + 1))
+
+
+def test_adding_format():
+    T = 20
+    task = small("adding")
+    firsts, seconds = [], []
+    for b in batches(task):
+        values, marker = b.x[..., 0], b.x[..., 1]
+        assert ((0 <= values) & (values < 1)).all()
+        assert ((marker == 0) | (marker == 1)).all() and (marker.sum(1) == 2).all()
+        assert (marker[:, :T // 2].sum(1) == 1).all() and (marker[:, T // 2:].sum(1) == 1).all()
+        assert torch.allclose(b.y[:, 0], (values * marker).sum(1))
+        firsts.append(marker[:, :T // 2].argmax(1))
+        seconds.append(marker[:, T // 2:].argmax(1) + T // 2)
+    assert set(torch.cat(firsts).tolist()) == set(range(T // 2))
+    assert set(torch.cat(seconds).tolist()) == set(range(T // 2, T))
+
+
+@pytest.mark.parametrize("T", [20, 41, 100])
+def test_adding_1997_format(T):
+    task = small("adding_1997", seq_len=T)
+    lengths, marks, first_pair_marked, n = [], [], 0, 0
+    for b in batches(task):
+        values, marker, rows = b.x[..., 0], b.x[..., 1], torch.arange(64)
+        assert b.x.shape[1] == T + T // 10
+        assert (b.mask.sum(1) == 1).all()
+        length = b.mask.long().argmax(1) + 1
+        assert ((T <= length) & (length <= T + T // 10)).all()
+        pad = torch.arange(b.x.shape[1]) >= length[:, None]
+        assert (values[pad] == 0).all() and (marker[pad] == 0).all()
+        assert ((-1 <= values) & (values <= 1)).all()
+        assert ((marker == 1).sum(1) == 2).all() and ((marker == 1) & pad).sum() == 0
+        pos = (marker == 1).nonzero()[:, 1].view(64, 2)  # sorted per row
+        assert (pos[:, 0] < 10).all() and (pos[:, 1] < T // 2).all()  # one in the first 10, both in the first T//2
+        assert (marker[rows, length - 1] == -1).all()
+        assert torch.where(pos[:, 0] == 0, marker[:, 0] == 1, marker[:, 0] == -1).all()
+        assert ((marker == 0) | (marker == 1) | (marker == -1)).all()
+        assert ((marker == -1).sum(1) == 2 - (pos[:, 0] == 0).long()).all()  # first and final pair only
+        assert (values[pos[:, 0] == 0, 0] == 0).all()  # the first-pair rule
+        target = 0.5 + (values * (marker == 1)).sum(1) / 4
+        assert torch.allclose(b.y[b.mask][:, 0], target)
+        assert (b.y[~b.mask] == 0).all()
+        lengths.append(length)
+        marks.append(pos)
+        first_pair_marked += (pos[:, 0] == 0).sum().item()
+        n += 64
+    assert set(torch.cat(lengths).tolist()) == set(range(T, T + T // 10 + 1))
+    assert set(torch.cat(marks).flatten().tolist()) == set(range(T // 2))
+    # P(first pair marked) = 1/10 + (9/10) / (T//2 - 1): the second mark avoids the first, in the first T//2
+    p = 0.1 + 0.9 / (T // 2 - 1)
+    assert abs(first_pair_marked / n - p) < 4 * math.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("n_relevant", [2, 3])
+@pytest.mark.parametrize("L", [20, 100, 157])
+def test_temporal_order_format(n_relevant, L):
+    task = small("temporal_order", seq_len=L, n_relevant=n_relevant)
+    if L == 100:  # the paper's windows, 1-based
+        assert task.windows() == ([(10, 20), (50, 60)] if n_relevant == 2 else [(10, 20), (33, 43), (66, 76)])
+    windows = task.windows()
+    seen = [set() for _ in windows]
+    classes, lengths = [], []
+    for b in batches(task):
+        x, rows = b.x, torch.arange(64)
+        length = b.mask.long().argmax(1) + 1
+        assert (b.mask.sum(1) == 1).all() and ((L <= length) & (length <= L + L // 10)).all()
+        assert (x[:, 0] == 6).all() and (x[rows, length - 1] == 7).all()
+        steps = torch.arange(x.shape[1])
+        assert ((x == 8) == (steps >= length[:, None])).all()
+        inner = (steps > 0) & (steps < length[:, None] - 1)
+        xy = (x == 4) | (x == 5)
+        assert (xy.sum(1) == n_relevant).all() and ((x[inner & ~xy] >= 0) & (x[inner & ~xy] <= 3)).all()
+        pos = xy.nonzero()[:, 1].view(64, n_relevant) + 1  # 1-based, sorted
+        label = torch.zeros(64, dtype=torch.long)
+        for i, (lo, hi) in enumerate(windows):
+            assert ((lo <= pos[:, i]) & (pos[:, i] <= hi)).all()
+            seen[i] |= set(pos[:, i].tolist())
+            label = 2 * label + (x[rows, pos[:, i] - 1] == 5).long()
+        assert torch.equal(b.y[b.mask], label)
+        classes.append(label)
+        lengths.append(length)
+    assert all(s == set(range(lo, hi + 1)) for s, (lo, hi) in zip(seen, windows))
+    assert set(torch.cat(classes).tolist()) == set(range(2 ** n_relevant))
+    assert set(torch.cat(lengths).tolist()) == set(range(L, L + L // 10 + 1))
+
+
+# An independent statement of the grammar: paths from node 2 of the Reber graph to the end,
+# R2 = T*V (PXT*V)* (V|PS); from node 1, S*X(S|X R2); Reber = B(T R1 | P R2)E; embedded B m Reber m E.
+_R2 = "T*V(?:PXT*V)*(?:V|PS)"
+REBER = f"B(?:TS*X(?:S|X{_R2})|P{_R2})E"
+EMBEDDED = re.compile(f"B([TP]){REBER}\\1E")
+
+
+@pytest.mark.parametrize("p_loop", [0.5, 0.9])
+def test_embedded_reber_strings_follow_the_grammar(p_loop):
+    task = small("embedded_reber", p_loop=p_loop)
+    lengths = []
+    for b in batches(task, size=128, seeds=range(10)):
+        n = b.mask.sum(1)
+        assert ((b.x == 7) == ~b.mask).all() and (b.y[~b.mask] == 0).all()  # padding after the string only
+        assert torch.equal(b.x[:, 1:][b.mask[:, 1:]], b.y[:, :-1][b.mask[:, 1:]])  # y is x shifted
+        for r in range(b.x.shape[0]):
+            string = "".join(SYMBOLS[s] for s in b.x[r, :n[r]].tolist()) + SYMBOLS[b.y[r, n[r] - 1]]
+            assert EMBEDDED.fullmatch(string), string
+        lengths.append(n + 1)
+    mean = torch.cat(lengths).double().mean().item()
+    assert abs(mean - task.mean_length) < 0.03 * task.mean_length
+
+
+def test_embedded_reber_legal_sets_by_hand():
+    x = torch.tensor([[SYMBOLS.index(c) for c in "BPBPTVPXVVEP"]])  # string BPBPTVPXVVEPE, minus the last E
+    legal = EmbeddedReber.legal_next(x)[0]
+    expect = ["TP", "B", "TP", "TV", "TV", "PV", "XS", "TV", "PV", "E", "P", "E"]
+    assert ["".join(SYMBOLS[i] for i in row.nonzero()[:, 0].tolist()) for row in legal] == \
+        ["".join(sorted(e, key=SYMBOLS.index)) for e in expect]
+
+
+def test_embedded_reber_metrics_score_legal_sets():
+    task = small("embedded_reber")
+    b = task.sample(64, gen(0))
+    legal = task.legal_next(b.x)
+    oracle = torch.where(legal, 0.0, -10.0)  # legal symbols tie at the top
+    m = task.metrics(oracle, b)
+    assert m["step_acc"] == m["string_acc"] == m["lag_acc"] == m["solved"] == 1.0
+    # rank one illegal symbol above a legal one at the first step of string 0 only
+    spoiled = oracle.clone()
+    spoiled[0, 0, SYMBOLS.index("E")] = 1.0
+    m = task.metrics(spoiled, b)
+    assert m["string_acc"] == 63 / 64 and m["solved"] == 0.0 and m["lag_acc"] == 1.0
+    # forget the lag: put the wrong T/P first at the step that predicts the second m
+    wrong = oracle.clone()
+    n = b.mask.sum(1)
+    rows = torch.arange(64)
+    m_sym = b.x[:, 1]
+    wrong[rows, n - 2, 3 - m_sym] = 1.0  # T=1 <-> P=2
+    m = task.metrics(wrong, b)
+    assert m["lag_acc"] == 0.0 and m["string_acc"] == 0.0
+
+
+def test_selective_copy_format():
+    N, K, A = 16, 2, 6
+    task = small("selective_copy")
+    positions = []
+    for b in batches(task):
+        x, y = b.x, b.y
+        assert x.shape == (64, N + K) and (x[:, N:] == A - 1).all()
+        data = x[:, :N]
+        assert ((data != 0).sum(1) == K).all() and ((data >= 0) & (data <= A - 2)).all()
+        in_order = data[data != 0].view(64, K)  # row-major: each row's data tokens in order
+        assert torch.equal(y[:, N:], in_order) and (y[:, :N] == 0).all()
+        assert (b.mask[:, N:]).all() and not b.mask[:, :N].any()
+        positions.append((data != 0).nonzero()[:, 1])
+    assert set(torch.cat(positions).tolist()) == set(range(N))
+
+
+@pytest.mark.parametrize("settings", [{}, dict(seq_len=24, n_pairs=3, n_queries=2, vocab=24)])
+def test_associative_recall_format(settings):
+    task = small("associative_recall", **settings)
+    L, P, Q, V = task.seq_len, task.n_pairs, task.n_queries, task.vocab
+    gaps = []
+    for b in batches(task):
+        x, y = b.x, b.y
+        keys, values = x[:, 0:2 * P:2], x[:, 1:2 * P:2]
+        assert ((1 <= keys) & (keys < V // 2)).all() and ((V // 2 <= values) & (values < V)).all()
+        assert (keys.sort(1).values.diff(1) > 0).all() and (values.sort(1).values.diff(1) > 0).all()
+        assert (b.mask.sum(1) == Q).all() and not b.mask[:, :2 * P].any()
+        assert (y[~b.mask] == 0).all()
+        steps = b.mask.nonzero()[:, 1].view(-1, Q)
+        assert ((steps - 2 * P) % 2 == 0).all()
+        queried = x[b.mask].view(-1, Q)
+        assert (queried.sort(1).values.diff(1) > 0).all()  # distinct keys
+        match = queried[:, :, None] == keys[:, None, :]  # (B, Q, P)
+        assert (match.sum(2) == 1).all()
+        paired = (match.long() * values[:, None, :]).sum(2)
+        assert torch.equal(y[b.mask].view(-1, Q), paired)
+        gaps.append((steps - 2 * P) // 2)
+    gaps = torch.cat(gaps).flatten()
+    space = (L - 2 * P) // 2
+    assert gaps.max() < space and set(gaps.tolist()) == set(range(space))
+    # power_a = 0.01: weights ~ 1/(g+1), so gap 0 is far more frequent than the last gap
+    assert (gaps == 0).sum() > 2 * (gaps == space - 1).sum()
+
+
+def test_associative_recall_queries_a_uniform_subset_of_pairs():
+    task = small("associative_recall", seq_len=24, n_pairs=4, n_queries=1, vocab=24)
+    b = task.sample(20000, gen(0))
+    keys = b.x[:, 0:8:2]
+    which = (keys == b.x[b.mask][:, None]).long().argmax(1)  # which pair was asked
+    freq = torch.bincount(which, minlength=4).double() / 20000
+    assert (freq - 0.25).abs().max() < 0.02
+
+
+# --- baselines: the stated value equals the loss of the memoryless predictor on a large sample ------
+
+def conditional_logits(current: torch.Tensor, target: torch.Tensor, n_in: int, n_out: int) -> torch.Tensor:
+    """log P(target | current input), estimated by counting; one row per input symbol."""
+    counts = torch.zeros(n_in, n_out, dtype=torch.float64)
+    counts.index_put_((current, target), torch.ones(len(target), dtype=torch.float64), accumulate=True)
+    return (counts / counts.sum(1, keepdim=True).clamp_min(1)).clamp_min(1e-30).log().float()
+
+
+def memoryless_classes(task, b: Batch) -> torch.Tensor:
+    """The best predictor that sees only the current input token, fitted on the scored steps of ``b``."""
+    table = conditional_logits(b.x[b.mask], b.y[b.mask], task.input_size, task.output_size)
+    return table[b.x]
+
+
+def test_copy_memory_baseline():
+    task = small("copy_memory", seq_len=30, n_copy=5, n_symbols=6)
+    b = task.sample(4096, gen(0))
+    out = torch.full((4096, 40, 8), -30.0)
+    out[:, :35, 0] = 0.0  # blank where a blank is certain
+    out[:, 35:, 1:7] = 0.0  # uniform over the data symbols at the recall steps
+    assert abs(task.loss(out, b).item() - task.baseline) < 1e-5
+    assert abs(task.baseline - 5 * math.log(6) / 40) < 1e-12
+    assert abs(build_task("copy_memory").baseline - 0.1733) < 1e-4
+
+
+def test_adding_baseline():
+    task = small("adding")
+    b = task.sample(200_000, gen(0))
+    out = torch.ones(200_000, 20, 1)
+    assert abs(task.loss(out, b).item() - 1 / 6) < 0.003
+
+
+@pytest.mark.parametrize("T", [20, 100])
+def test_adding_1997_baseline(T):
+    task = small("adding_1997", seq_len=T)
+    b = task.sample(100_000, gen(0))
+    out = torch.full(b.y.shape, 0.5)
+    empirical = task.loss(out, b).item()
+    assert abs(empirical - task.baseline) < 0.01 * task.baseline
+    assert abs(empirical - 1 / 24) > 0.03 * task.baseline  # the first-pair rule is visible
+    if T == 100:
+        assert abs(task.baseline - 0.039201) < 1e-6
+
+
+@pytest.mark.parametrize("n_relevant", [2, 3])
+def test_temporal_order_baseline(n_relevant):
+    task = small("temporal_order", n_relevant=n_relevant)
+    b = task.sample(50_000, gen(0))
+    # the memoryless predictor sees only the last input (always B): its best output is the class frequencies
+    freq = torch.bincount(b.y[b.mask], minlength=task.output_size).double() / 50_000
+    out = freq.log().float().expand(50_000, b.x.shape[1], -1)
+    assert abs(task.loss(out, b).item() - task.baseline) < 0.005
+    assert task.baseline == pytest.approx(n_relevant * math.log(2))
+
+
+@pytest.mark.parametrize("p_loop", [0.5, 0.9])
+def test_embedded_reber_baseline(p_loop):
+    task = small("embedded_reber", p_loop=p_loop)
+    b = task.sample(10_000, gen(0))  # ~120k (p_loop 0.5) to ~240k (0.9) scored steps
+    empirical = task.loss(memoryless_classes(task, b), b).item()
+    assert abs(empirical - task.baseline) < 0.01
+    assert abs(task.mean_length - ((b.mask.sum(1) + 1).double().mean().item())) < 0.02 * task.mean_length
+
+
+def test_embedded_reber_baseline_values():
+    assert EmbeddedReber(p_loop=0.5).baseline == pytest.approx(1.2718, abs=1e-4)
+    assert EmbeddedReber(p_loop=0.5).mean_length == pytest.approx(12.0)
+
+
+def test_selective_copy_baseline():
+    task = small("selective_copy", vocab=10)
+    b = task.sample(50_000, gen(0))
+    empirical = task.loss(memoryless_classes(task, b), b).item()  # input at read steps: always the marker
+    assert abs(empirical - task.baseline) < 0.005 and task.baseline == pytest.approx(math.log(8))
+
+
+def test_associative_recall_baseline():
+    task = small("associative_recall", vocab=16)
+    b = task.sample(100_000, gen(0))
+    empirical = task.loss(memoryless_classes(task, b), b).item()  # sees the query key, not the pairs
+    assert abs(empirical - task.baseline) < 0.005 and task.baseline == pytest.approx(math.log(8))
+
+
+# --- solved(): an oracle solves, the memoryless predictor does not ------------------------------------
+
+def oracle(task, b: Batch) -> torch.Tensor:
+    B, T = b.x.shape[:2]
+    if isinstance(task, EmbeddedReber):
+        return torch.where(task.legal_next(b.x), 0.0, -10.0)
+    if task.output_kind == "real":
+        y = b.y if task.readout != "last" else b.y[:, None].expand(B, T, -1)
+        return y.clone()
+    y = b.y if task.readout != "last" else b.y[:, None].expand(B, T)
+    return F.one_hot(y, task.output_size).float() * 10
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_oracle_solves_and_memoryless_does_not(name):
+    task = small(name)
+    b = task.eval_batch(256, seed=0)
+    good = task.metrics(oracle(task, b), b)
+    assert good["solved"] == 1.0
+    if name != "embedded_reber":  # there the oracle still pays the grammar's own randomness
+        assert good["loss"] < 0.01 * task.baseline
+    B, T = b.x.shape[:2]
+    if task.output_kind == "real":  # predict the mean target
+        _, target = task.select(torch.zeros(B, T, 1), b)
+        out = torch.full((B, T, 1), target.mean().item())
+    elif name == "copy_memory":
+        out = torch.zeros(B, T, task.output_size)
+        out[:, :-task.n_copy, 0] = 30.0
+    else:
+        out = memoryless_classes(task, b)
+    bad = task.metrics(out, b)
+    assert bad["solved"] == 0.0 and bad["loss"] > 0.9 * task.baseline
