@@ -3,8 +3,8 @@
     rnnbench run SPEC [--root DIR] [--workers N]     run (or resume) a study
     rnnbench worker SPEC [--storage URL ...]         an extra worker, e.g. on another machine
     rnnbench status SPEC                             trials per cell
-    rnnbench report STUDY                            tables, figures, index.html
-    rnnbench dashboard                               the MLflow UI over the study store
+    rnnbench report STUDY | --from DIR --out DIR     tables, statistics, figures, index.html
+    rnnbench dashboard [--optuna]                    the MLflow UI (and optuna-dashboard) over the store
     rnnbench list variants|tasks                     what exists
     rnnbench bench                                   speed of every variant against nn.LSTM
 """
@@ -195,6 +195,9 @@ def dashboard(root, storage, tracking_uri, port, host, with_optuna, optuna_port,
     servers = [dash.mlflow_ui(store.tracking_uri, None if tracking_uri else (store.root / "artifacts").as_uri(),
                               host, port, workers)]
     if with_optuna:
+        import importlib.util
+        if importlib.util.find_spec("optuna_dashboard") is None:
+            raise UserError("optuna-dashboard is not installed: pip install 'rnnbench[dashboard]'")
         journal = store.root / "optuna.journal"
         if storage is None and not journal.exists():
             raise UserError(f"{journal}: no Optuna storage here; run a study first or pass --root/--storage")
@@ -215,6 +218,29 @@ def list_(what):
         from tasks import TASKS
         for name, t in TASKS.items():
             click.echo(f"{name:20s} {t.description}  [{t.paper}]")
+
+
+@cli.command()
+@click.option("--variants", "names", multiple=True, help="Variants to time (repeatable); default all.")
+@click.option("--batch", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--hidden", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--seq-len", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--input-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=10, show_default=True)
+def bench(names, batch, hidden, seq_len, input_size, threads, repeats):
+    """Forward and backward milliseconds per batch of every variant, and the ratio to torch.nn.LSTM
+    measured in the same run (medians after warm-up)."""
+    from variants import VARIANTS
+    from variants.bench import benchmark, format_table
+
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise UserError(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    click.echo(f"B={batch} H={hidden} T={seq_len} input={input_size} threads={threads}, median of {repeats}")
+    rows = benchmark(list(names) or None, batch=batch, hidden=hidden, seq_len=seq_len, threads=threads,
+                     input_size=input_size, repeats=repeats)
+    click.echo(format_table(rows))
 
 
 def main():

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_variants.py                          # B=64, H=128, T=200, 1 thread, all variants
     python benchmarks/bench_variants.py --names rnn clockwork --seq-len 1000
+    python benchmarks/bench_variants.py --names depth_gated --layers 2
 """
 
 import argparse
@@ -20,13 +21,14 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=200)
     ap.add_argument("--input-size", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=1, help="num_layers of every model, nn.LSTM too")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     a = ap.parse_args(argv)
     rows = benchmark(a.names, batch=a.batch, hidden=a.hidden, seq_len=a.seq_len, threads=a.threads,
-                     input_size=a.input_size, warmup=a.warmup, repeats=a.repeats)
-    print(f"B={a.batch} H={a.hidden} T={a.seq_len} input={a.input_size} threads={a.threads}, "
+                     input_size=a.input_size, warmup=a.warmup, repeats=a.repeats, num_layers=a.layers)
+    print(f"B={a.batch} H={a.hidden} T={a.seq_len} input={a.input_size} layers={a.layers} threads={a.threads}, "
           f"median of {a.repeats} after {a.warmup} warm-up")
     print(format_table(rows))
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import shutil
-from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
@@ -28,16 +26,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for p in REPORT_PACKAGES:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            out[p] = "unknown"
-    return out
-
-
 def build_report(tables: tbl.Tables, out: Path, reference: str | None = None, source: Path | None = None) -> Path:
     """Write the report of ``tables`` into ``out``; returns the index.html path.
 
@@ -45,11 +33,11 @@ def build_report(tables: tbl.Tables, out: Path, reference: str | None = None, so
     ``reference``, else lstm, else the first variant). ``source``: the saved report the tables were
     loaded from; its table files are copied byte for byte instead of being written again.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     reference = reference or tables.reference
     if tables.variants and reference not in tables.variants:
         raise LookupError(f"reference variant {reference!r} is not in the study (variants: {', '.join(tables.variants)})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     files = [f"{n}.{ext}" for n in tbl.TABLES for ext in ("parquet", "csv")]
     if source is None:
         tbl.save(tables, out)
@@ -81,7 +69,7 @@ def build_report(tables: tbl.Tables, out: Path, reference: str | None = None, so
             "files": {f: _sha256(out / f) for f in files},
             "figures": sorted(f"figures/{fig.stem}.{fmt}" for items in figures.values()
                               for _, fig in items if isinstance(fig, Figure) for fmt in FORMATS),
-            "versions": _versions(),
+            "versions": tbl.package_versions(REPORT_PACKAGES),
         },
     }
     (out / tbl.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")

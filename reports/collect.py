@@ -8,27 +8,24 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from reports.tables import Tables  # noqa: E402
+from reports.tables import Tables, package_versions  # noqa: E402
 
 # Metrics each trial run logs once at the end (or at start); every other metric is a per-eval curve.
 FINAL_METRICS = ("objective", "train_seconds", "steps_done", "seconds_per_step", "wall_seconds", "baseline")
 GRAD_ARTIFACT = "grad_by_lag.json"
 IMPORTANCE_METHOD = ("PED-ANOVA (optuna.importance.PedAnovaImportanceEvaluator, Optuna 5's default), "
                      "normalised to sum 1 over the searched hyperparameters of a cell")
-REPORT_PACKAGES = ("rnnbench", "numpy", "pandas", "pyarrow", "scipy", "matplotlib", "seaborn", "optuna", "mlflow")
+COLLECT_PACKAGES = ("rnnbench", "pandas", "pyarrow", "optuna", "mlflow")
 
 
 def _state(run) -> str:
@@ -56,18 +53,13 @@ def study_file(experiment) -> str:
     return note.removeprefix("```yaml\n").removesuffix("\n```")
 
 
-def study_meta(text: str) -> dict:
-    """Objective, reference and the task/variant order from the study file's text (defaults if it
-    cannot be read: the engine stores at most its first 4900 characters)."""
-    from studies.spec import Objective
-    try:
-        data = yaml.safe_load(text) or {}
-        objective = Objective(**(data.get("objective") or {}))
-    except Exception:  # noqa: BLE001 - a truncated or old study file: fall back to the defaults
-        data, objective = {}, Objective()
-    variants = [v if isinstance(v, str) else (v.get("label") or v.get("variant")) for v in data.get("variants", [])]
-    return {"objective": objective.model_dump(), "reference": data.get("reference"),
-            "variant_order": variants, "task_order": list(dict.fromkeys(t.get("task") for t in data.get("tasks", [])))}
+def study_meta(experiment) -> dict:
+    """Objective, reference and the task/variant order, as the engine stored them from the parsed
+    study file (tag ``rnnbench.study_meta``)."""
+    meta = json.loads(experiment.tags.get("rnnbench.study_meta", "{}"))
+    if "objective" not in meta:
+        raise LookupError(f"experiment {experiment.name!r} was not prepared by `rnnbench run` (no rnnbench.study_meta tag)")
+    return meta
 
 
 def collect(client: MlflowClient, study: str, storage=None) -> Tables:
@@ -78,7 +70,7 @@ def collect(client: MlflowClient, study: str, storage=None) -> Tables:
     if exp is None:
         raise LookupError(f"no study {study!r} in the tracking store")
     text = study_file(exp)
-    meta = study_meta(text)
+    meta = study_meta(exp)
     runs = client.search_runs([exp.experiment_id], "tags.`rnnbench.role` = 'trial'", max_results=50000,
                               order_by=["attributes.start_time ASC"])
     results = results_table(study, runs, meta)
@@ -92,7 +84,7 @@ def collect(client: MlflowClient, study: str, storage=None) -> Tables:
         "git_commits": _counts(r.data.tags.get("rnnbench.git_commit", "unknown") for r in runs),
         "runs_from_dirty_tree": sum(r.data.tags.get("rnnbench.git_dirty") == "true" for r in runs),
         "versions_of_runs": {k.removeprefix("rnnbench.version."): sorted(v) for k, v in _tag_values(runs).items()},
-        "versions_at_collection": {"python": platform.python_version(), **{p: _version(p) for p in REPORT_PACKAGES}},
+        "versions_at_collection": package_versions(COLLECT_PACKAGES),
         "importance_method": IMPORTANCE_METHOD,
         "mlflow_run_ids": sorted(r.info.run_id for r in runs),
     }
@@ -115,23 +107,14 @@ def _tag_values(runs) -> dict[str, set]:
     return out
 
 
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def results_table(study: str, runs, meta: dict) -> pd.DataFrame:
     """One row per trial run. Columns: study, cell, task, variant, base_variant, ladder, ladder_value,
     <ladder name> (e.g. seq_len), kind, trial, replicate, source_trial, seed, state, objective,
-    solved_threshold, the hyperparameters and settings (``param.*``), the final value of every metric
+    solved_threshold (drawn when the solved criterion reads the objective), solved_rule, the hyperparameters and settings (``param.*``), the final value of every metric
     (``metric.*``), error, optuna_study, git_commit, run_id."""
-    rows, settings = [], {}
+    rows = []
     for run in runs:
         t = run.data.tags
-        settings[t["rnnbench.cell"]] = (t["rnnbench.task"], {k.removeprefix("task."): _number(v)
-                                                            for k, v in run.data.params.items() if k.startswith("task.")})
         row = {"study": study, "cell": t["rnnbench.cell"], "task": t["rnnbench.task"],
                "variant": t["rnnbench.variant"], "base_variant": t["rnnbench.base_variant"],
                "ladder": t["rnnbench.ladder"], "ladder_value": _number(t["rnnbench.ladder_value"]),
@@ -148,32 +131,17 @@ def results_table(study: str, runs, meta: dict) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    thresholds = {cell: solved_threshold(task, kw, **meta["objective"]) for cell, (task, kw) in settings.items()}
-    table.insert(table.columns.get_loc("objective") + 1, "solved_threshold", table.cell.map(thresholds))
+    # The solved criterion each run logged (Task.solved_when); its threshold is drawn on the objective's
+    # axis only when the criterion reads the objective metric itself.
+    rule = table["param.solved.metric"].astype(str) + " " + table["param.solved.op"] + " " + \
+        table["param.solved.threshold"].map(lambda v: f"{v:.4g}")
+    on_axis = table["param.solved.metric"] == meta["objective"]["metric"]
+    table.insert(table.columns.get_loc("objective") + 1, "solved_rule", rule)
+    table.insert(table.columns.get_loc("objective") + 1, "solved_threshold",
+                 table["param.solved.threshold"].astype(float).where(on_axis))
     for col in ("replicate", "source_trial"):
         table[col] = pd.to_numeric(table[col], errors="coerce").astype("Int64")
     return table
-
-
-def solved_threshold(task: str, settings: dict, metric: str, direction: str) -> float | None:
-    """The value of the objective metric at which the task counts as solved, or None.
-
-    Tasks state "solved" as a predicate on their eval metrics (``Task.solved``). When that predicate
-    reads the objective metric alone (e.g. adding: loss < 1% of the baseline; copy memory with
-    objective recall_acc: recall_acc >= 0.99), it is found here by bisection, so figures can draw it.
-    """
-    from tasks import build_task
-    try:
-        t = build_task(task, **settings)
-        good, bad = (0.0, 1e9) if direction == "minimize" else (1.0, 0.0)
-        if not t.solved({metric: good}) or t.solved({metric: bad}):
-            return None
-        for _ in range(200):
-            mid = (good + bad) / 2
-            good, bad = (mid, bad) if t.solved({metric: mid}) else (good, mid)
-    except Exception:  # noqa: BLE001 - the criterion needs other metrics (KeyError) or the task is gone
-        return None
-    return float(f"{good:.6g}")
 
 
 def curves_table(client: MlflowClient, runs) -> pd.DataFrame:

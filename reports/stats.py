@@ -157,7 +157,8 @@ def summary(tables: Tables) -> pd.DataFrame:
         out["best_lr"] = best.set_index(CELL)["param.lr"]
     out = out.join(cell_stats(selected_runs(results)).set_index(CELL), how="outer")
     firsts = results.groupby(CELL, sort=False)
-    for col, name in (("metric.baseline", "baseline"), ("solved_threshold", "solved_threshold")):
+    for col, name in (("metric.baseline", "baseline"), ("solved_threshold", "solved_threshold"),
+                      ("solved_rule", "solved_rule")):
         if col in results:
             out[name] = firsts[col].first()
     if "param.n_params" in results:

@@ -16,7 +16,9 @@ objective) is what was known at collection time. Nothing else is read by ``--fro
 from __future__ import annotations
 
 import json
+import platform
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
@@ -62,6 +64,17 @@ class Tables:
         if ref in self.variants:
             return ref
         return "lstm" if "lstm" in self.variants else (self.variants[0] if self.variants else None)
+
+
+def package_versions(packages) -> dict[str, str]:
+    """Python's and each package's installed version ("unknown" when absent)."""
+    out = {"python": platform.python_version()}
+    for p in packages:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "unknown"
+    return out
 
 
 def _ordered(preferred, present) -> list:

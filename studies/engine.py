@@ -197,8 +197,14 @@ def prepare(spec: Spec, spec_text: str, store: Store, storage, client) -> str:
                 f"give the study a new 'name' (or use another --root) to start a new study")
     exp_id = store.experiment_id(client, spec.name, create=True)
     client.set_experiment_tag(exp_id, "rnnbench.study_sha256", hashlib.sha256(spec_text.encode()).hexdigest())
-    # The experiment's description in the MLflow UI is the study file.
-    client.set_experiment_tag(exp_id, "mlflow.note.content", f"```yaml\n{spec_text[:4900]}\n```")
+    # The experiment's description in the MLflow UI is the study file (MLflow caps tags at 5000 chars);
+    # what reports need of it is stored whole, parsed.
+    text = spec_text if len(spec_text) <= 4800 else spec_text[:4800] + "\n# ... (truncated: the study file is longer)"
+    client.set_experiment_tag(exp_id, "mlflow.note.content", f"```yaml\n{text}\n```")
+    meta = {"objective": spec.objective.model_dump(), "reference": spec.reference_label,
+            "variant_order": [v.name for v in spec.variants],
+            "task_order": list(dict.fromkeys(t["task"] for t in spec.tasks))}
+    client.set_experiment_tag(exp_id, "rnnbench.study_meta", json.dumps(meta))
     for cell in cells(spec):
         for kind in KINDS:
             study = optuna.create_study(storage=storage, study_name=optuna_name(spec, cell, kind),
@@ -468,6 +474,11 @@ class Worker:
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: close the trial as interrupted, then stop
             interrupt(self.storage, client, trial._trial_id, run_id, f"worker {self.name} was stopped")
             raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # The launcher reaped this trial while it ran (no heartbeat for --stale-after seconds, e.g. a
+            # remote worker between two slow evaluations): it is closed as interrupted and replaced.
+            # Leave it so; before this, the error handler below raised again and the worker died.
+            client.set_terminated(run_id, "KILLED")
         except Exception as e:  # noqa: BLE001 - one trial's error never stops the study
             message = f"{type(e).__name__}: {e}".splitlines()[0][:4000]
             trial.set_user_attr("error", message)
@@ -489,6 +500,7 @@ class Worker:
         params = {**hp, "hidden_size": hidden, "n_params": count_parameters(model),
                   **{f"task.{k}": v for k, v in task.settings().items()},
                   **{f"switch.{k}": v for k, v in cell.variant.switches.items()},
+                  **dict(zip(("solved.metric", "solved.op", "solved.threshold"), task.solved_when)),
                   "steps": spec.train.steps, "seconds": spec.train.seconds, "eval_every": spec.train.eval_every}
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
                          metrics=[Metric("baseline", task.baseline, int(time.time() * 1000), 0)])

@@ -15,16 +15,31 @@ Distributed: ``--storage postgresql://...`` (Optuna RDB) and ``--tracking-uri ht
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported anywhere
+# With a tracking server, MlflowClient.set_terminated prints two "View run ... at: URL" lines per run
+# (and fetches the run again to do so): noise in worker logs that also breaks the launcher's live bar.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402
 import optuna  # noqa: E402
+import sqlalchemy.exc  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from optuna.storages.journal import JournalFileBackend, JournalStorage  # noqa: E402
+
+
+def rdb_url(url: str) -> str:
+    """SQLAlchemy 2.1 reads a bare ``postgresql://`` as the psycopg 3 driver; when only psycopg2 (what
+    the ``test`` extra installs) is here, name it, so the documented URL works as written."""
+    if (url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None
+            and importlib.util.find_spec("psycopg2") is not None):
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
 
 
 class RootBusy(RuntimeError):
@@ -50,7 +65,15 @@ class Store:
 
     def optuna_storage(self) -> optuna.storages.BaseStorage:
         if self.storage_url:
-            return optuna.storages.RDBStorage(self.storage_url, engine_kwargs={"pool_pre_ping": True})
+            # Several processes meeting an empty database at once race to create Optuna's tables
+            # (PostgreSQL: "duplicate key ... pg_type_typname_nsp_index"); the loser's retry finds them.
+            for attempt in range(6):
+                try:
+                    return optuna.storages.RDBStorage(rdb_url(self.storage_url), engine_kwargs={"pool_pre_ping": True})
+                except sqlalchemy.exc.SQLAlchemyError:
+                    if attempt == 5:
+                        raise
+                    time.sleep(0.5 * (attempt + 1))
         self.root.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(self.journal)))
 

@@ -24,12 +24,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+_COMPARE = {"<": operator.lt, "<=": operator.le, ">=": operator.ge, ">": operator.gt}
 
 
 @dataclass
@@ -70,8 +74,15 @@ class Task:
     def sample(self, batch_size: int, generator: torch.Generator, device: str | torch.device = "cpu") -> Batch:
         raise NotImplementedError
 
-    def solved(self, metrics: dict[str, float]) -> bool:
+    @property
+    def solved_when(self) -> tuple[str, str, float]:
+        """The solved criterion as data: (eval metric, comparison in ``<``, ``<=``, ``>=``, ``>``, threshold),
+        e.g. ``("recall_acc", ">=", 0.99)``. Logged with every run, drawn and stated in reports."""
         raise NotImplementedError
+
+    def solved(self, metrics: dict[str, float]) -> bool:
+        metric, op, threshold = self.solved_when
+        return _COMPARE[op](metrics[metric], threshold)
 
     def extra_metrics(self, pred: Tensor, target: Tensor, batch: Batch) -> dict[str, float]:
         """Task-specific metrics on the read-out positions (accuracies, per-sequence correctness)."""

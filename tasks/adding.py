@@ -54,5 +54,6 @@ class Adding(Task):
         y = (values[rows, first] + values[rows, second]).unsqueeze(-1)
         return Batch(torch.stack([values, marker], -1).to(device), y.to(device))
 
-    def solved(self, metrics):
-        return metrics["loss"] < 0.01 * self.baseline
+    @property
+    def solved_when(self):
+        return ("loss", "<", 0.01 * self.baseline)

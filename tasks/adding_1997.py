@@ -91,5 +91,6 @@ class Adding1997(Task):
     def extra_metrics(self, pred, target, batch):
         return {"seq_acc": ((pred - target).abs() < TOLERANCE).float().mean().item()}
 
-    def solved(self, metrics):
-        return metrics["seq_acc"] == 1.0
+    @property
+    def solved_when(self):
+        return ("seq_acc", ">=", 1.0)

@@ -92,5 +92,6 @@ class AssociativeRecall(Task):
         right = (pred.argmax(-1) == target).view(-1, self.n_queries)  # n_queries steps per sequence
         return {"acc": right.float().mean().item(), "seq_acc": right.all(1).float().mean().item()}
 
-    def solved(self, metrics):
-        return metrics["acc"] >= 0.99
+    @property
+    def solved_when(self):
+        return ("acc", ">=", 0.99)

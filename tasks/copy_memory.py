@@ -64,5 +64,6 @@ class CopyMemory(Task):
         recall = pred[:, -self.n_copy:].argmax(-1) == target[:, -self.n_copy:]
         return {"recall_acc": recall.float().mean().item(), "seq_acc": recall.all(-1).float().mean().item()}
 
-    def solved(self, metrics):
-        return metrics["recall_acc"] >= 0.99
+    @property
+    def solved_when(self):
+        return ("recall_acc", ">=", 0.99)

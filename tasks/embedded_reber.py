@@ -182,5 +182,6 @@ class EmbeddedReber(Task):
                 "string_acc": per_step.all(1).float().mean().item(),
                 "lag_acc": (pred[lag].argmax(-1) == target[lag]).float().mean().item()}
 
-    def solved(self, metrics):
-        return metrics["string_acc"] == 1.0
+    @property
+    def solved_when(self):
+        return ("string_acc", ">=", 1.0)

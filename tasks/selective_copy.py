@@ -72,5 +72,6 @@ class SelectiveCopy(Task):
         right = (pred.argmax(-1) == target).view(-1, self.n_copy)  # K read steps per sequence
         return {"acc": right.float().mean().item(), "seq_acc": right.all(1).float().mean().item()}
 
-    def solved(self, metrics):
-        return metrics["acc"] >= 0.99
+    @property
+    def solved_when(self):
+        return ("acc", ">=", 0.99)

@@ -97,5 +97,6 @@ class TemporalOrder(Task):
         return {"acc": (pred.argmax(-1) == target).float().mean().item(),
                 "seq_acc": (p_true > CORRECT_PROB).float().mean().item()}
 
-    def solved(self, metrics):
-        return metrics["seq_acc"] == 1.0
+    @property
+    def solved_when(self):
+        return ("seq_acc", ">=", 1.0)

@@ -6,9 +6,11 @@ import shutil
 
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from conftest import rnnbench
+from rnnbench import cli
 from reports import tables as saved
 from reports.build import build_report, publish
 from reports.figures import KINDS
@@ -39,6 +41,7 @@ def test_tables_hold_everything_the_figures_need(report, tiny_study):
     adding = results[results.task == "adding"]
     assert adding.solved_threshold.to_numpy() == pytest.approx(0.01 * adding["metric.baseline"].to_numpy(), rel=1e-4)
     assert results[results.task == "copy_memory"].solved_threshold.isna().all()
+    assert set(results[results.task == "copy_memory"].solved_rule) == {"recall_acc >= 0.99"}
 
     curves = pd.read_parquet(out / "curves.parquet")
     assert set(curves.run_id) == set(results.run_id) and {"loss", "solved"} <= set(curves.metric)
@@ -121,9 +124,11 @@ def test_reference_option_and_user_errors(report, tmp_path):
     out, _ = report
     vs = versus_reference(saved.load(out), "rnn")
     assert set(vs.variant) == {"lstm"} and set(vs.reference) == {"rnn"} and len(vs) == 3
-    bad = rnnbench("report", "--from", out, "--out", tmp_path / "x", "--reference", "gru", check=False)
-    assert bad.returncode == 2 and "gru" in bad.stderr and "Traceback" not in bad.stderr
-    neither = rnnbench("report", check=False)
-    assert neither.returncode == 2 and "--from" in neither.stderr
-    not_saved = rnnbench("report", "--from", tmp_path, check=False)
-    assert not_saved.returncode == 2 and "not a saved report" in not_saved.stderr
+    runner = CliRunner()  # in-process: these fail before drawing anything
+    bad = runner.invoke(cli, ["report", "--from", str(out), "--out", str(tmp_path / "x"), "--reference", "gru"])
+    assert bad.exit_code == 2 and "'gru' is not in the study" in bad.output
+    assert not (tmp_path / "x").exists()
+    neither = runner.invoke(cli, ["report"])
+    assert neither.exit_code == 2 and "--from" in neither.output
+    not_saved = runner.invoke(cli, ["report", "--from", str(tmp_path)])
+    assert not_saved.exit_code == 2 and "not a saved report" in not_saved.output

@@ -20,17 +20,24 @@ from variants.bench import benchmark, format_table
 torch.set_flush_denormal(True)
 ATOL, RTOL = 2e-5, 1e-4
 LSTM_FAMILY = ["lstm", "peephole", "greff", "cifg", "coupled", "nig", "nfg", "nog", "niaf", "noaf", "np", "fgr"]
-TUPLE_STATE = set(LSTM_FAMILY) | {"depth_gated"}
 
 
-def zeros_state(name, layers, batch, hidden, dtype=torch.float32):
-    z = torch.zeros(layers, batch, hidden, dtype=dtype)
-    return (z, z.clone()) if name in TUPLE_STATE else z
+def _state_like(m, batch, make):
+    """The structure and shapes of m's state (found by running one step from None), filled by make(shape)."""
+    dtype = next(m.parameters()).dtype
+    with torch.no_grad():
+        _, st = m(torch.zeros(batch, 1, m.input_size, dtype=dtype))
+    if isinstance(st, tuple):
+        return tuple(make(s.shape, dtype) for s in st)
+    return make(st.shape, dtype)
 
 
-def random_state(name, layers, batch, hidden, dtype=torch.float32):
-    h = 0.5 * torch.randn(layers, batch, hidden, dtype=dtype)
-    return (h, 0.5 * torch.randn(layers, batch, hidden, dtype=dtype)) if name in TUPLE_STATE else h
+def zeros_state(m, batch):
+    return _state_like(m, batch, lambda shape, dtype: torch.zeros(shape, dtype=dtype))
+
+
+def random_state(m, batch):
+    return _state_like(m, batch, lambda shape, dtype: 0.5 * torch.randn(shape, dtype=dtype))
 
 
 def flat(state):
@@ -42,13 +49,14 @@ def flat(state):
 # ---------------------------------------------------------------------------------------------------------
 
 def ref_lstm_family(m, x, state):
-    """Greff et al. 2017's LSTM with every ablation switch, Gers & Schmidhuber 2000 peepholes."""
+    """Greff et al. 2017's LSTM with every ablation switch, Gers & Schmidhuber 2000 peepholes; with FGR the
+    state is (h, c, a), a = the previous activations of the sigmoid gates, [i; f; o] (those that exist)."""
     H = m.hidden_size
     sig = [g for g, on in (("i", m.input_gate), ("f", m.forget_gate and not m.coupled),
                            ("o", m.output_gate)) if on]
     layout = [g for g in ("i", "f", "g", "o") if g == "g" or g in sig]  # torch's row order
-    h0, c0 = state
-    layer_in, hs, cs = x, [], []
+    h0, c0 = state[:2]
+    layer_in, hs, cs, acts = x, [], [], []
     for k in range(m.num_layers):
         W = dict(zip(layout, getattr(m, f"weight_ih_l{k}").split(H)))
         U = dict(zip(layout, getattr(m, f"weight_hh_l{k}").split(H)))
@@ -58,7 +66,7 @@ def ref_lstm_family(m, x, state):
             blocks = getattr(m, f"weight_gg_l{k}").split(H, 0)
             R = {to: dict(zip(sig, row.split(H, 1))) for to, row in zip(sig, blocks)}
         h, c = h0[k], c0[k]
-        prev = {s: torch.zeros_like(h) for s in sig}
+        prev = dict(zip(sig, state[2][k].split(H, 1))) if m.full_gate_recurrence else {}
         outs = []
         for t in range(x.shape[1]):
             xt = layer_in[:, t]
@@ -80,6 +88,9 @@ def ref_lstm_family(m, x, state):
         layer_in = torch.stack(outs, 1)
         hs.append(h)
         cs.append(c)
+        acts.append(torch.cat([prev[s] for s in sig], 1) if m.full_gate_recurrence else None)
+    if m.full_gate_recurrence:
+        return layer_in, (torch.stack(hs), torch.stack(cs), torch.stack(acts))
     return layer_in, (torch.stack(hs), torch.stack(cs))
 
 
@@ -139,8 +150,9 @@ def ref_depth_gated(m, x, state, close_gate=False):
     return layer_in, (torch.stack(hs), torch.stack(cs))
 
 
-def ref_clockwork(m, x, state):
-    """Koutník et al. 2014: module i updates iff t mod T_i == 0, from the input and modules j >= i."""
+def ref_clockwork(m, x, state, t0=0):
+    """Koutník et al. 2014: module i updates iff t mod T_i == 0 (t absolute: x's first step is t0), from the
+    input and modules j >= i."""
     g, n = len(m.periods), m.module_size
     layer_in, hs = x, []
     for k in range(m.num_layers):
@@ -150,7 +162,7 @@ def ref_clockwork(m, x, state):
         for t in range(x.shape[1]):
             new = list(h)
             for i in range(g):
-                if t % m.periods[i] == 0:
+                if (t0 + t) % m.periods[i] == 0:
                     rows = slice(i * n, (i + 1) * n)
                     pre = layer_in[:, t] @ W_I[rows].T + b[rows]
                     W_i = getattr(m, f"weight_hh_l{k}_m{i}")  # columns: modules i, i+1, ..., g-1
@@ -220,7 +232,7 @@ def test_loop_matches_equations(case):
     if getattr(m, "native", False):
         m.native = False  # prove the step-by-step loop, not the fused kernel
     x = torch.randn(4, 9, 3, requires_grad=True)
-    state = random_state(name, 2, 4, 8)
+    state = random_state(m, 4)
     out, st = m(x, state)
     ref_out, ref_st = reference(name, m, x, state)
     assert out.shape == (4, 9, 8)
@@ -237,10 +249,10 @@ def test_gradcheck_float64(case):
     m = build_variant(name, 2, hidden, num_layers=2, **switches).double()
     names = [n for n, _ in m.named_parameters()]
     x = torch.randn(2, 4, 2, dtype=torch.float64, requires_grad=True)
-    state = [s.requires_grad_() for s in flat(random_state(name, 2, 2, hidden, torch.float64))]
+    state = [s.requires_grad_() for s in flat(random_state(m, 2))]
 
     def f(x, *tensors):
-        st = tuple(tensors[:len(state)]) if len(state) == 2 else tensors[0]
+        st = tuple(tensors[:len(state)]) if len(state) > 1 else tensors[0]
         out, new = torch.func.functional_call(m, dict(zip(names, tensors[len(state):])), (x, st))
         return out, *flat(new)
 
@@ -267,7 +279,7 @@ def test_matches_torch_module(name, torch_cls, switches, native, layers):
         m.native = False
     assert getattr(m, "native", True) == native
     x = torch.randn(5, 7, 3, requires_grad=True)
-    state = random_state(name, layers, 5, 6)
+    state = random_state(m, 5)
     out, st = m(x, state)
     ref_out, ref_st = ref(x, state)
     assert_close_all([out, *flat(st)], [ref_out, *flat(ref_st)])
@@ -326,7 +338,7 @@ def test_depth_gated_with_closed_gate_is_stacked_lstm():
             for n in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"):
                 getattr(ref, f"{n}_l{k}").copy_(getattr(m, f"{n}_l{k}")[:24])
     x = torch.randn(4, 8, 3)
-    state = random_state("depth_gated", 3, 4, 6)
+    state = random_state(m, 4)
     out, st = m(x, state)
     ref_out, ref_st = ref(x, state)
     assert not torch.allclose(out, ref_out, atol=1e-3)  # the open gate matters ...
@@ -341,7 +353,7 @@ def test_clockwork_unscheduled_modules_keep_state_exactly():
     torch.manual_seed(0)
     m = build_variant("clockwork", 3, 12, num_layers=2, periods=[1, 2, 3])  # t=4: modules 0, 1 only
     x = torch.randn(2, 13, 3)
-    out, _ = m(x, random_state("clockwork", 2, 2, 12))
+    out, _ = m(x, random_state(m, 2))
     blocks = out.split(4, 2)
     for t in range(1, 13):
         for i, period in enumerate(m.periods):
@@ -513,7 +525,8 @@ def test_batch_first_layout(name):
     x = torch.randn(4, 10, 3)
     out, st = m(x)
     assert out.shape == (4, 10, 8)
-    assert all(s.shape == (2, 4, 8) for s in flat(st))
+    widths = [8, 8, 3 * 8] if name == "fgr" else [8, 8]  # h (c) (fgr: a, the 3 sigmoid gates' activations)
+    assert [s.shape for s in flat(st)] == [(2, 4, w) for w in widths[:len(flat(st))]]
     perm = torch.tensor([2, 0, 3, 1])
     out_p, st_p = m(x[perm])  # batch is dim 0: permuting it permutes the results and nothing else
     torch.testing.assert_close(out_p, out[perm])
@@ -532,23 +545,72 @@ def test_initial_state_is_honoured(name):
     m = build_variant(name, 3, 8, num_layers=2)
     x = torch.randn(2, 8, 3)
     out0, _ = m(x)
-    out_z, _ = m(x, zeros_state(name, 2, 2, 8))
+    out_z, _ = m(x, zeros_state(m, 2))
     torch.testing.assert_close(out0, out_z)
-    out_s, _ = m(x, random_state(name, 2, 2, 8))
+    out_s, _ = m(x, random_state(m, 2))
     assert not torch.allclose(out0, out_s, atol=1e-4)
-    if name == "fgr":
-        return  # FGR's previous gate activations are not part of (h, c): chunks don't compose (documented)
-    # Running in two chunks, handing the state over, equals one run (clockwork: split at a multiple of
-    # its slowest period, 8, since its clock restarts at every call).
-    a, st = m(x[:, :4] if name != "clockwork" else x[:, :8])
-    if name == "clockwork":
-        x = torch.cat([x, torch.randn(2, 8, 3)], 1)
-        out0, _ = m(x)
-        a, st = m(x[:, :8])
-        b, _ = m(x[:, 8:], st)
-    else:
-        b, _ = m(x[:, 4:], st)
-    torch.testing.assert_close(torch.cat([a, b], 1), out0, atol=ATOL, rtol=RTOL)
+
+
+def run_in_chunks(m, x, state, bounds):
+    """m over x in the chunks [bounds[i], bounds[i+1]), each call given the last one's state (and its first
+    step's absolute index t0, for a clocked variant)."""
+    outs = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        kwargs = {"t0": start} if getattr(m, "clocked", False) else {}
+        out, state = m(x[:, start:stop], state, **kwargs)
+        outs.append(out)
+    return torch.cat(outs, 1), state
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_calls_compose(name):
+    """Running x[:, :k] then x[:, k:] from the returned state equals one run over x, for any k (T = 13 covers
+    clockwork's slowest default period, 8, and splits off its cycle); a step-by-step unroll equals one run
+    in outputs, final state and the gradients of input, initial state and parameters."""
+    torch.manual_seed(0)
+    m = build_variant(name, 3, 8, num_layers=2)
+    if getattr(m, "native", False):
+        m.native = False  # the fused kernels compose by torch's word; prove the loops do
+    T = 13
+    x = torch.randn(2, T, 3, requires_grad=True)
+    state = tuple(s.requires_grad_() for s in flat(random_state(m, 2)))
+    state = state if len(state) > 1 else state[0]
+    whole = m(x, state)
+    for bounds in ([0, 1, T], [0, 4, T], [0, 8, T], [0, 11, T], [0, T - 1, T], [0, 3, 5, 12, T]):
+        out, st = run_in_chunks(m, x, state, bounds)
+        assert_close_all([out, *flat(st)], [whole[0], *flat(whole[1])])
+    out, st = run_in_chunks(m, x, state, list(range(T + 1)))  # one step per call
+    assert_close_all([out, *flat(st)], [whole[0], *flat(whole[1])])
+    wrt = [x, *flat(state), *m.parameters()]
+    assert_close_all(torch.autograd.grad(loss_of(out, st), wrt), torch.autograd.grad(loss_of(*whole), wrt))
+
+
+def test_clockwork_t0_is_the_absolute_step():
+    torch.manual_seed(0)
+    m = build_variant("clockwork", 3, 12, num_layers=2, periods=[1, 3, 4])
+    x = torch.randn(2, 7, 3, requires_grad=True)
+    state = random_state(m, 2)
+    for t0 in (0, 1, 5, 12, 13, 1001):
+        out, st = m(x, state, t0=t0)
+        ref_out, ref_st = ref_clockwork(m, x, state, t0)
+        assert_close_all([out, st], [ref_out, ref_st])
+        assert_close_all(grads(m, x, out, st), grads(m, x, ref_out, ref_st))
+    assert not torch.allclose(m(x, state, t0=1)[0], m(x, state)[0])
+    with pytest.raises(ValueError, match="t0"):
+        m(x, state, t0=-1)
+
+
+def test_clockwork_gradcheck_off_cycle():
+    torch.manual_seed(0)
+    m = build_variant("clockwork", 2, 4, num_layers=2, modules=2).double()
+    names = [n for n, _ in m.named_parameters()]
+    x = torch.randn(2, 5, 2, dtype=torch.float64, requires_grad=True)
+    h = random_state(m, 2).requires_grad_()
+
+    def f(x, h, *params):
+        return torch.func.functional_call(m, dict(zip(names, params)), (x, h), {"t0": 3})
+
+    assert torch.autograd.gradcheck(f, (x, h, *m.parameters()))
 
 
 @pytest.mark.parametrize("name", ALL)

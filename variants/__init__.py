@@ -8,8 +8,14 @@ Every variant is an ``nn.Module`` with one interface, the one ``torch.nn.RNNBase
   the top layer's hidden output at every step.
 * ``state`` is the variant's recurrent state with a leading ``num_layers`` axis, as in torch:
   a tensor ``h`` of shape ``(num_layers, batch, hidden_size)`` for cells without a memory cell
-  (rnn, gru, gru_cho, clockwork), a tuple ``(h, c)`` of such tensors for the LSTM family and depth_gated.
-  ``None`` means zeros.
+  (rnn, gru, gru_cho, clockwork), a tuple ``(h, c)`` of such tensors for the LSTM family and depth_gated,
+  and ``(h, c, a)`` with full gate recurrence (fgr): ``a`` of shape ``(num_layers, batch, S * hidden_size)``
+  holds the previous activations of the S sigmoid gates (S = 3 for ``fgr``). A tuple state always starts
+  with ``h``. ``None`` means zeros.
+* Calls compose: running ``x[:, :k]`` and then ``x[:, k:]`` from the returned state equals one run over
+  ``x``, outputs and final state, for any k. A variant whose update depends on the absolute step has the
+  class attribute ``clocked = True`` and a keyword-only ``t0`` (the index of x's first step, default 0):
+  the second call then gets ``t0=k`` (clockwork).
 * Constructors take ``(input_size, hidden_size, num_layers=1, dropout=0.0, **switches)``;
   ``dropout`` acts between stacked layers, as in torch.
 

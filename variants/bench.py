@@ -33,16 +33,17 @@ def _time_once(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
 
 
 def benchmark(names: list[str] | None = None, batch: int = 64, hidden: int = 128, seq_len: int = 200,
-              threads: int = 1, input_size: int = 32, warmup: int = 3, repeats: int = 10) -> list[dict]:
-    """One row per variant (plus torch.nn.LSTM first): variant, params, fwd_ms, bwd_ms, total_ms,
-    ratio_vs_lstm (total time over nn.LSTM's total time)."""
+              threads: int = 1, input_size: int = 32, warmup: int = 3, repeats: int = 10,
+              num_layers: int = 1) -> list[dict]:
+    """One row per variant (plus torch.nn.LSTM first, with as many layers): variant, params, fwd_ms, bwd_ms,
+    total_ms, ratio_vs_lstm (total time over nn.LSTM's total time)."""
     torch.set_flush_denormal(True)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     x = torch.randn(batch, seq_len, input_size)
-    models = {REFERENCE: nn.LSTM(input_size, hidden, batch_first=True)}
+    models = {REFERENCE: nn.LSTM(input_size, hidden, num_layers, batch_first=True)}
     for name in names or list(VARIANTS):
-        models[name] = build_variant(name, input_size, hidden)
+        models[name] = build_variant(name, input_size, hidden, num_layers)
     for model in models.values():
         for _ in range(warmup):
             _time_once(model, x)

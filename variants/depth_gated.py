@@ -24,6 +24,11 @@ Parameters per layer k, named as in torch: ``weight_ih_l{k}`` (5H, in) rows i, f
 (4H, H) rows i, f, g, o (d has no h input); ``bias_ih_l{k}`` (5H, the d slice is b_d); ``bias_hh_l{k}`` (4H);
 ``weight_ld_l{k}``, ``weight_cd_l{k}`` (H); ``weight_proj`` (H, input_size).
 ``forget_bias`` initialises the forget slice of ``bias_ih`` (``bias_hh``'s is zeroed), as for ``lstm``.
+
+Speed: each layer is one autograd Function (``_Recurrence``) with backpropagation through time written by
+hand, as for the LSTM family: the input projection of all steps is one matmul, and the depth gate's terms
+that do not depend on the layer's own state (b_d, W_xd x_t, w_ld ⊙ c_t^{L-1}; for the lowest layer the
+projection of the input) are added for all steps at once, before the walk over time.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from variants import register
 
@@ -46,6 +52,10 @@ class DepthGatedLSTM(nn.Module):
         self.dropout, self.forget_bias = float(dropout), float(forget_bias)
         H = hidden_size
         self.weight_proj = nn.Parameter(torch.empty(H, input_size))
+        # The recurrence works in the gate layout [o, i, f, g, d] (see _Recurrence): rows of the torch layout
+        # [i, f, g, o, d], gathered once per call; the first 4H of them are also weight_hh's (it has no d rows).
+        self.register_buffer("_rows", torch.tensor([j * H + r for j in (3, 0, 1, 2, 4) for r in range(H)]),
+                             persistent=False)
         for k in range(num_layers):
             n_in = input_size if k == 0 else hidden_size
             self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(5 * H, n_in)))
@@ -76,7 +86,8 @@ class DepthGatedLSTM(nn.Module):
             z = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
             state = (z, z)
         h0, c0 = state
-        lower_cells = F.linear(x.transpose(0, 1), self.weight_proj)  # (T, B, H): stands in for c^{-1}
+        x = x.transpose(0, 1)  # time-major inside: every step's slice is contiguous
+        lower_cells = F.linear(x, self.weight_proj)  # (T, B, H): stands in for c^{-1}
         hs, cs = [], []
         for k in range(self.num_layers):
             if k > 0:
@@ -84,27 +95,132 @@ class DepthGatedLSTM(nn.Module):
             x, lower_cells, h, c = self._layer(k, x, lower_cells, h0[k], c0[k])
             hs.append(h)
             cs.append(c)
-        return x, (torch.stack(hs), torch.stack(cs))
+        return x.transpose(0, 1), (torch.stack(hs), torch.stack(cs))
 
     def _layer(self, k, x, lower_cells, h, c):
-        """One layer over time. Everything in d that does not depend on this layer's own state (b_d, W_xd x,
-        w_ld ⊙ c^{L-1}) is computed for all steps at once; per step there is one 4H-wide matmul."""
-        H = self.hidden_size
-        w_ih, w_hh = getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}")
+        """One layer over time: the hidden outputs and cells of every step (the cells feed the layer above)
+        and the final h, c. The weights' rows are permuted into the recurrence's gate layout."""
+        H, rows = self.hidden_size, self._rows
         b = getattr(self, f"bias_ih_l{k}") + F.pad(getattr(self, f"bias_hh_l{k}"), (0, H))
-        w_ld, w_cd = getattr(self, f"weight_ld_l{k}"), getattr(self, f"weight_cd_l{k}")
-        xp = F.linear(x.transpose(0, 1), w_ih, b)  # (T, B, 5H)
-        dp = torch.addcmul(xp[..., 4 * H:], w_ld, lower_cells)  # (T, B, H)
+        return _Recurrence.apply(x, lower_cells, h, c, getattr(self, f"weight_ih_l{k}")[rows], b[rows],
+                                 getattr(self, f"weight_hh_l{k}")[rows[:4 * H]],
+                                 getattr(self, f"weight_ld_l{k}"), getattr(self, f"weight_cd_l{k}"))
+
+
+class _Recurrence(torch.autograd.Function):
+    """One depth-gated layer over time-major x (T, B, in), with hand-written backpropagation through time
+    (the scheme of the LSTM family's ``lstm._Recurrence``, plus the depth gate and the input projection).
+
+    Gate layout inside: [o, i, f, g, d], H columns each. The input projection of all steps is one matmul,
+    written straight into the activation buffer; d's pre-activation gets w_ld ⊙ c_t^{L-1} for all steps at
+    once, w_cd ⊙ c_{t-1} per step; the recurrent matmul adds into the first 4H columns. The forward pass runs
+    without autograd bookkeeping, in place, walking per-step views made once. The backward pass walks time in
+    reverse computing only the pre-activation gradients dZ and the state gradients; the weight and input
+    gradients are then matmuls over a chunk of steps at a time. Checked against autograd on the plain
+    equations and by gradcheck in tests/test_variants.py.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lower, h0, c0, w_ih, b, w_hh, w_ld, w_cd):
+        ctx.set_materialize_grads(False)  # the top layer's cells go nowhere: no zeros to add at every step
+        x = x.contiguous()  # layer 0's is a transposed view of the batch-first input
+        T, B, _ = x.shape
+        H = w_hh.shape[1]
+        # The pre-activations, made activations in place: σ(o), σ(i), σ(f), tanh(g), σ(d).
+        acts = torch.addmm(b, x.reshape(T * B, -1), w_ih.t()).view(T, B, 5 * H)
+        acts[..., 4 * H:].addcmul_(w_ld, lower)
+        cs = x.new_empty(T + 1, B, H)  # c_{-1} = c0, c_0, ..., c_{T-1}
+        hs = x.new_empty(T + 1, B, H)
+        ys = x.new_empty(T, B, H)      # tanh(c_t)
+        cs[0], hs[0] = c0, h0
         w_hh_t = w_hh.t()
-        outs, cells = [], []
-        for xt, dt, lower in zip(xp[..., :4 * H].unbind(0), dp.unbind(0), lower_cells.unbind(0)):
-            z = torch.addmm(xt, h, w_hh_t)
-            ifo = z.sigmoid()  # computing σ on g's slice too is cheaper than a third slice op
-            i, f, o = ifo[:, :H], ifo[:, H:2 * H], ifo[:, 3 * H:]
-            g = z[:, 2 * H:3 * H].tanh()
-            d = torch.addcmul(dt, w_cd, c).sigmoid()
-            c = torch.addcmul(torch.addcmul(i * g, f, c), d, lower)
-            h = o * c.tanh()
-            outs.append(h)
-            cells.append(c)
-        return torch.stack(outs, 1), torch.stack(cells), h, c
+        o, i, f, g, d = (a.unbind(0) for a in acts.split(H, -1))
+        z_rec, z_sig = acts[..., :4 * H].unbind(0), acts[..., :3 * H].unbind(0)
+        for t, (lower_t, h_prev, c_prev, c, y, h) in enumerate(zip(
+                lower.unbind(0), hs.unbind(0), cs.unbind(0), cs[1:].unbind(0), ys.unbind(0), hs[1:].unbind(0))):
+            z_rec[t].addmm_(h_prev, w_hh_t)
+            d[t].addcmul_(w_cd, c_prev).sigmoid_()
+            z_sig[t].sigmoid_()  # o, i, f
+            g[t].tanh_()
+            torch.mul(f[t], c_prev, out=c)
+            c.addcmul_(i[t], g[t]).addcmul_(d[t], lower_t)
+            torch.tanh(c, out=y)
+            torch.mul(o[t], y, out=h)
+        ctx.save_for_backward(x, acts, cs, hs, ys, lower, w_ih, w_hh, w_ld, w_cd)
+        return hs[1:], cs[1:], hs[T].clone(), cs[T].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_cells, d_hT, d_cT):
+        x, acts, cs, hs, ys, lower, w_ih, w_hh, w_ld, w_cd = ctx.saved_tensors
+        T, B, H5 = acts.shape
+        H = H5 // 5
+        # Per step, with the factors K that do not depend on the gradients:
+        #   dz_o = dh ⊙ K_o;  dc_t = dc + dh ⊙ K_c;  dz_[i, f, g, d] = dc_t ⊙ K_[i, f, g, d]
+        # The K are written into dZ itself (then scaled in place), a chunk of steps at a time, and the chunk's
+        # weight and input gradients follow while it is in cache: no T-long temporaries, whose first touch
+        # (page faults) costs on CPU about as much as the walk itself (measured).
+        dZ = torch.empty_like(acts)
+        k_c = hs.new_empty(_CHUNK, B, H)
+        d_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
+        d_lower = lower.new_empty(lower.shape)
+        d_w_ih_t, d_b = w_ih.new_zeros(x.shape[2], H5), w_ih.new_zeros(H5)  # weights' gradients transposed:
+        d_w_hh_t = w_hh.new_zeros(H, 4 * H)  # BLAS ran dZ^T h (a strided transpose) 3x slower than h^T dZ
+        d_w_ld, d_w_cd = torch.zeros_like(w_ld), torch.zeros_like(w_cd)
+        dh = d_hT.clone() if d_hT is not None else hs.new_zeros(B, H)
+        dc = d_cT.clone() if d_cT is not None else hs.new_zeros(B, H)
+        dc_col = dc.unsqueeze(1)
+        dz_rec = dZ[..., :4 * H].unbind(0)
+        dz_o, dz_d = dZ[..., :H].unbind(0), dZ[..., 4 * H:].unbind(0)
+        dz_ifgd = dZ[..., H:].unflatten(-1, (4, H)).unbind(0)
+        k_cs = k_c.unbind(0)
+        d_out = d_out.unbind(0) if d_out is not None else None
+        d_cells = d_cells.unbind(0) if d_cells is not None else None
+        d_gate, f_gate, d_low = (u.unbind(0) for u in (acts[..., 4 * H:], acts[..., 2 * H:3 * H], d_lower))
+        for start in reversed(range(0, T, _CHUNK)):
+            span = slice(start, min(start + _CHUNK, T))
+            n = span.stop - start
+            o, i, f, g, d = acts[span].split(H, -1)
+            K_o, K_i, K_f, K_g, K_d = dZ[span].split(H, -1)
+            c_prev, y, low = cs[span], ys[span], lower[span]
+            _sigmoid_backward(y, o, out=K_o)         # tanh(c) σ'(o)
+            _tanh_backward(o, y, out=k_c[:n])        # o tanh'(c)
+            _sigmoid_backward(g, i, out=K_i)
+            _sigmoid_backward(c_prev, f, out=K_f)
+            _tanh_backward(i, g, out=K_g)
+            _sigmoid_backward(low, d, out=K_d)
+            for t in reversed(range(start, span.stop)):
+                if d_out is not None:
+                    dh.add_(d_out[t])
+                if d_cells is not None:
+                    dc.add_(d_cells[t])
+                dz_o[t].mul_(dh)
+                dc.addcmul_(dh, k_cs[t - start])       # now dc is d loss / d c_t
+                dz_ifgd[t].mul_(dc_col)
+                torch.mul(dc, d_gate[t], out=d_low[t])
+                dc.mul_(f_gate[t]).addcmul_(dz_d[t], w_cd)  # d loss / d c_{t-1}, before adding d_cells[t-1]
+                torch.mm(dz_rec[t], w_hh, out=dh)      # d loss / d h_{t-1}, before adding d_out[t-1]
+            dz = dZ[span].view(n * B, H5)
+            dz_d_c = dZ[span, :, 4 * H:]
+            d_lower[span].addcmul_(dz_d_c, w_ld)
+            d_w_ld.add_((dz_d_c * low).sum((0, 1)))
+            d_w_cd.add_((dz_d_c * c_prev).sum((0, 1)))
+            d_w_hh_t.addmm_(hs[span].reshape(n * B, H).t(), dz[:, :4 * H])
+            d_w_ih_t.addmm_(x[span].view(n * B, -1).t(), dz)
+            d_b.add_(dz.sum(0))
+            if d_x is not None:
+                torch.mm(dz, w_ih, out=d_x[span].view(n * B, -1))
+        return d_x, d_lower, dh, dc, d_w_ih_t.t(), d_b, d_w_hh_t.t(), d_w_ld, d_w_cd
+
+
+_CHUNK = 8  # steps whose backward factors and weight gradients are computed together
+
+
+def _sigmoid_backward(grad, s, out):
+    """out = grad ⊙ s ⊙ (1 - s), in one pass (ATen's fused derivative of σ, given its output s)."""
+    return torch.ops.aten.sigmoid_backward.grad_input(grad, s, grad_input=out)
+
+
+def _tanh_backward(grad, y, out):
+    """out = grad ⊙ (1 - y²), in one pass (ATen's fused derivative of tanh, given its output y)."""
+    return torch.ops.aten.tanh_backward.grad_input(grad, y, grad_input=out)

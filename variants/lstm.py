@@ -18,8 +18,11 @@ Equations for one layer at step t (x input, h hidden output, c cell, σ sigmoid,
   the input gate's bias (1 - σ(z) = σ(-z): it is the bias of f's pre-activation -z).
 * ``full_gate_recurrence`` (FGR, Greff et al. 2017): every gate also receives the previous activations of
   all gates, z_gate += R_gate [i_{t-1}; f_{t-1}; o_{t-1}], one H x H matrix per (gate, gate) pair, 9 for the
-  full LSTM (``weight_gg``). The previous activations are zero at the first step of every call; they are
-  not part of the returned ``(h, c)`` state.
+  full LSTM (``weight_gg``). The previous activations are then part of the recurrent state, which becomes
+  ``(h, c, a)``: ``a`` of shape (num_layers, batch, S*H) holds each layer's last sigmoid-gate activations
+  [i; f; o] (only the S gates that exist: 3 for ``fgr``, 2 with ``coupled``), zero when the state is None.
+  Without FGR the state is ``(h, c)``. Either way a sequence run in chunks, the returned state handed to the
+  next call, equals one run over the whole sequence.
 * ``forget_bias`` initialises the forget gate's bias (Jozefowicz et al. 2015 recommend 1): it is written into
   ``bias_ih``'s forget slice, ``bias_hh``'s is zeroed, on the native path too. Default 0 (torch's init).
 
@@ -130,12 +133,22 @@ class LSTM(nn.Module):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"dropout={self.dropout}, native={self.native}" + "".join(f", {k}={v}" for k, v in on.items()))
 
+    def _state_sizes(self):
+        """The last dimension of each state tensor: (H, H), plus S*H for the gate activations with FGR."""
+        H = self.hidden_size
+        return (H, H, len(self.sigmoid_gates) * H) if self.full_gate_recurrence else (H, H)
+
     def forward(self, x, state=None):
         B = x.shape[0]
+        sizes = self._state_sizes()
         if state is None:
-            z = x.new_zeros(self.num_layers, B, self.hidden_size)
-            state = (z, z)
-        h0, c0 = state
+            state = tuple(x.new_zeros(self.num_layers, B, n) for n in sizes)
+        if not isinstance(state, (tuple, list)) or len(state) != len(sizes):
+            form = "(h, c, a) (full_gate_recurrence)" if len(sizes) == 3 else "(h, c)"
+            got = f"a tuple of {len(state)}" if isinstance(state, (tuple, list)) else type(state).__name__
+            raise ValueError(f"LSTM: state must be {form}, got {got}")
+        h0, c0 = state[:2]
+        a0 = state[2] if self.full_gate_recurrence else None
         if self.native:
             weights = [getattr(self, f"{n}_l{k}") for k in range(self.num_layers)
                        for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
@@ -143,28 +156,31 @@ class LSTM(nn.Module):
                                    self.training, False, True)
             return out, (h, c)
         x = x.transpose(0, 1)  # time-major inside: every step's slice is contiguous
-        hs, cs = [], []
+        hs, cs, gs = [], [], []
         for k in range(self.num_layers):
             if k > 0:
                 x = F.dropout(x, self.dropout, self.training)
-            x, h, c = self._layer(k, x, h0[k], c0[k])
+            x, h, c, a = self._layer(k, x, h0[k], c0[k], a0[k] if a0 is not None else None)
             hs.append(h)
             cs.append(c)
-        return x.transpose(0, 1), (torch.stack(hs), torch.stack(cs))
+            gs.append(a)
+        state = (torch.stack(hs), torch.stack(cs))
+        return x.transpose(0, 1), state + (torch.stack(gs),) if a0 is not None else state
 
-    def _layer(self, k, x, h, c):
+    def _layer(self, k, x, h, c, a):
         """One layer: the input projection of all steps in one matmul, then the recurrence."""
         rows = self._loop_rows
         b = (getattr(self, f"bias_ih_l{k}") + getattr(self, f"bias_hh_l{k}"))[rows]
         xp = F.linear(x, getattr(self, f"weight_ih_l{k}")[rows], b)  # (T, B, G*H)
         peep = getattr(self, f"weight_peephole_l{k}") if self.peephole else None
         w_gg = getattr(self, f"weight_gg_l{k}") if self.full_gate_recurrence else None
-        return _Recurrence.apply(self, xp, h, c, getattr(self, f"weight_hh_l{k}")[rows], peep, w_gg)
+        return _Recurrence.apply(self, xp, h, c, a, getattr(self, f"weight_hh_l{k}")[rows], peep, w_gg)
 
 
 class _Recurrence(torch.autograd.Function):
     """One LSTM-family layer's recurrence over precomputed input projections xp (T, B, G*H), gate layout
-    [sigmoid gates, g] (see ``LSTM._slices``), with hand-written backpropagation through time.
+    [sigmoid gates, g] (see ``LSTM._slices``), with hand-written backpropagation through time. With FGR,
+    a0 (B, S*H) are the sigmoid-gate activations before the first step, and the last step's are returned.
 
     The forward pass runs without autograd bookkeeping, in place in preallocated buffers. The backward pass
     walks time in reverse computing only the pre-activation gradients dZ and the state gradients; the weight
@@ -173,7 +189,7 @@ class _Recurrence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cell, xp, h0, c0, w_hh, peep, w_gg):
+    def forward(ctx, cell, xp, h0, c0, a0, w_hh, peep, w_gg):
         T, B, _ = xp.shape
         H = cell.hidden_size
         si, sf, sg, so = cell._slices()
@@ -190,8 +206,8 @@ class _Recurrence(torch.autograd.Function):
         for t in range(T):
             a, c_prev, c = acts[t], cs[t], cs[t + 1]
             torch.addmm(xp[t], hs[t], w_hh_t, out=a)
-            if w_gg is not None and t > 0:
-                a[:, :SH].addmm_(acts[t - 1, :, :SH], w_gg.t())
+            if w_gg is not None:
+                a[:, :SH].addmm_(acts[t - 1, :, :SH] if t else a0, w_gg.t())
             if KH:  # i and f lead the layout: one peephole op and one sigmoid for both
                 z_if = a[:, :KH]
                 if peep is not None:
@@ -223,14 +239,15 @@ class _Recurrence(torch.autograd.Function):
             else:
                 hs[t + 1].copy_(ys[t])
         ctx.cell = cell
-        ctx.save_for_backward(acts, cs, hs, ys if cell.output_activation else None, w_hh, peep, w_gg)
-        return hs[1:], hs[T].clone(), cs[T].clone()
+        ctx.save_for_backward(acts, cs, hs, ys if cell.output_activation else None, w_hh, peep, w_gg, a0)
+        aT = acts[T - 1, :, :SH].clone() if w_gg is not None else None
+        return hs[1:], hs[T].clone(), cs[T].clone(), aT
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_out, d_hT, d_cT):
+    def backward(ctx, d_out, d_hT, d_cT, d_aT):
         cell = ctx.cell
-        acts, cs, hs, ys, w_hh, peep, w_gg = ctx.saved_tensors
+        acts, cs, hs, ys, w_hh, peep, w_gg, a0 = ctx.saved_tensors
         if ys is None:
             ys = cs[1:]
         T, B, GH = acts.shape
@@ -242,7 +259,9 @@ class _Recurrence(torch.autograd.Function):
         dc = d_cT.clone() if d_cT is not None else hs.new_zeros(B, H)
         SH = sg.start
         KH = ((si is not None) + (sf is not None)) * H
-        da = hs.new_zeros(B, SH) if w_gg is not None else None  # FGR: d loss / d (this step's gate activations)
+        da = None  # FGR: d loss / d (this step's sigmoid-gate activations), from the next step and d_aT
+        if w_gg is not None:
+            da = d_aT.clone() if d_aT is not None else hs.new_zeros(B, SH)
         for t in reversed(range(T)):
             if d_out is not None:
                 dh.add_(d_out[t])
@@ -297,7 +316,8 @@ class _Recurrence(torch.autograd.Function):
             if da is not None:
                 torch.mm(dz[:, :SH], w_gg, out=da)
         flat = dZ.view(T * B, GH)
-        d_w_hh = flat.t() @ hs[:-1].reshape(T * B, H)
+        # (h^T dZ)^T, not dZ^T h: BLAS ran the latter (a transposed T*B-row operand first) ~3x slower (measured).
+        d_w_hh = (hs[:-1].reshape(T * B, H).t() @ flat).t()
         d_peep = d_w_gg = None
         if peep is not None:
             rows = []
@@ -306,9 +326,11 @@ class _Recurrence(torch.autograd.Function):
                     cell_seen = cs[1:] if gate == "o" else cs[:-1]  # o peeks at c_t, i and f at c_{t-1}
                     rows.append((dZ[..., sl] * cell_seen).sum((0, 1)))
             d_peep = torch.stack(rows)
-        if w_gg is not None:
-            d_w_gg = dZ[1:, :, :SH].reshape(-1, SH).t() @ acts[:-1, :, :SH].reshape(-1, SH)
-        return None, dZ, dh, dc, d_w_hh, d_peep, d_w_gg
+        if w_gg is not None:  # step t's gates hear step t-1's activations; step 0's hear a0
+            d_w_gg_t = a0.t() @ dZ[0, :, :SH]
+            d_w_gg_t.addmm_(acts[:-1, :, :SH].reshape(-1, SH).t(), dZ[1:, :, :SH].reshape(-1, SH))
+            d_w_gg = d_w_gg_t.t()
+        return None, dZ, dh, dc, da, d_w_hh, d_peep, d_w_gg
 
 
 LSTM_DEFAULTS = dict(input_gate=True, forget_gate=True, output_gate=True, input_activation=True,

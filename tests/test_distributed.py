@@ -1,0 +1,290 @@
+"""Distributed mode for real: a throwaway PostgreSQL cluster (Optuna RDB storage, and the MLflow
+server's backend), an MLflow tracking server on 127.0.0.1, `rnnbench run` with one worker of its own and
+two `rnnbench worker` processes with roots of their own standing in for other machines (one of them
+started before the launcher). Then: exact trial counts in Optuna, exactly one MLflow run per started
+trial read back through the server, parent/child runs intact, artifacts uploaded through the server, and
+trials spread over more than one worker process.
+
+Needs the PostgreSQL server binaries (Debian: `apt-get install -y postgresql`; CI installs them); skips,
+saying why, without them. Installs nothing and leaves no server running."""
+
+import glob
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import TINY, rnnbench
+from studies import spec as specs
+from studies.engine import ENDED, optuna_name
+from studies.store import Store
+
+pytestmark = pytest.mark.postgres
+
+
+def pg_bindir() -> Path | None:
+    """The newest PostgreSQL server's bin folder (Debian keeps them out of PATH), or None."""
+    found = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")]
+    found.sort(key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0)
+    if found:
+        return found[-1]
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb and shutil.which("pg_ctl") else None
+
+
+def skip_reason() -> str | None:
+    if pg_bindir() is None:
+        return "no PostgreSQL server binaries (initdb, pg_ctl): apt-get install -y postgresql"
+    if os.geteuid() == 0:
+        try:
+            import pwd
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root and there is no 'postgres' user to run initdb as"
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        return "psycopg2 is not installed (pip install -e '.[test]')"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_postgres(cmd: list[str]) -> list[str]:
+    """initdb and postgres refuse to run as root: run them as the postgres user then."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+class Postgres:
+    """A throwaway cluster: its own folder, 127.0.0.1 only, a password, no fsync."""
+
+    def __init__(self):
+        self.bindir = pg_bindir()
+        self.dir = Path(tempfile.mkdtemp(prefix="rnnbench-pg-"))  # not under pytest's root-only tmp
+        self.data, self.log = self.dir / "data", self.dir / "server.log"
+        self.user, self.password, self.port = "rnnbench", secrets.token_hex(16), free_port()
+        (self.dir / "pw").write_text(self.password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres")
+            shutil.chown(self.dir / "pw", "postgres")
+        self.started = False
+
+    def _run(self, *cmd):
+        proc = subprocess.run(as_postgres([str(self.bindir / cmd[0]), *cmd[1:]]), capture_output=True, text=True,
+                              timeout=120)
+        if proc.returncode != 0:
+            log = self.log.read_text() if self.log.exists() else ""
+            raise RuntimeError(f"{' '.join(cmd[:2])} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}\n{log}")
+
+    def start(self):
+        self._run("initdb", "-D", str(self.data), "-U", self.user, f"--pwfile={self.dir / 'pw'}",
+                  "--auth=scram-sha-256", "-E", "UTF8", "--no-sync")
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off "
+                   "-c synchronous_commit=off -c full_page_writes=off")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options, "start")
+        self.started = True
+
+    def url(self, database: str, driver: str = "") -> str:
+        scheme = "postgresql+" + driver if driver else "postgresql"
+        return f"{scheme}://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str):
+        import psycopg2
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
+                                dbname="postgres")
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+
+    def stop(self):
+        try:
+            if self.started:
+                self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    pg = Postgres()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.stop()
+
+
+def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"the MLflow server exited {proc.returncode}:\n{log.read_text()[-5000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.read()
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-5000:]}")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30):
+    """SIGTERM a process started with start_new_session=True and everything it started, then SIGKILL."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the group (mlflow server -> uvicorn)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def tracking_server(postgres, tmp_path_factory):
+    """`mlflow server` with the cluster's second database as backend store, artifacts proxied to a folder."""
+    postgres.create_database("mlflow")
+    base = tmp_path_factory.mktemp("mlflow-server")
+    port, log = free_port(), base / "server.log"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner processes: 2 cores here
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server",
+                                 # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; psycopg2 is here
+                                 "--backend-store-uri", postgres.url("mlflow", "psycopg2"),
+                                 "--serve-artifacts", "--artifacts-destination", str(base / "artifacts"),
+                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(f"{url}/health", proc, log)
+        yield url, base / "artifacts"
+    finally:
+        stop(proc)
+
+
+def start(args, log: Path, cwd: Path) -> subprocess.Popen:
+    out = open(log, "wb")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "rnnbench", *map(str, args)], cwd=cwd, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        out.close()
+
+
+@pytest.mark.timeout(600)
+def test_launcher_and_remote_workers_share_postgres_and_a_tracking_server(postgres, tracking_server, tmp_path):
+    postgres.create_database("optuna")
+    storage_url = postgres.url("optuna")  # the plain URL the docs show
+    tracking, artifacts = tracking_server
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(TINY.replace("replicates: 2", "replicates: 1"))
+    spec, _, _ = specs.load(spec_path)
+    cells = specs.cells(spec)
+    common = ["--storage", storage_url, "--tracking-uri", tracking]
+
+    logs = {name: tmp_path / f"{name}.log" for name in ("early", "launcher", "late")}
+    procs = {}
+    try:
+        # A remote worker started before the launcher waits for the study to be prepared.
+        procs["early"] = start(["worker", spec_path, "--root", tmp_path / "early", *common], logs["early"], tmp_path)
+        time.sleep(3)
+        procs["launcher"] = start(["run", spec_path, "--root", tmp_path / "launcher", "--workers", 1, *common],
+                                  logs["launcher"], tmp_path)
+        procs["late"] = start(["worker", spec_path, "--root", tmp_path / "late", *common], logs["late"], tmp_path)
+        end = time.monotonic() + 480
+        for name, proc in procs.items():
+            try:
+                proc.wait(timeout=max(1.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        report = "\n".join(f"--- {n} (exit {p.poll()}):\n{logs[n].read_text()[-3000:]}" for n, p in procs.items())
+        assert all(p.poll() == 0 for p in procs.values()), report
+    finally:
+        for proc in procs.values():
+            stop(proc)
+    out = {name: log.read_text() for name, log in logs.items()}
+    assert "worker done" in out["early"] and "worker done" in out["late"], out
+    assert "done: tiny" in out["launcher"], out["launcher"]
+    assert "View run" not in "".join(out.values())  # MLflow's per-run URL lines are silenced
+
+    # Optuna, read from PostgreSQL: exact counts, nothing left running or waiting, nothing interrupted.
+    storage = Store(tmp_path / "check", storage_url, tracking).optuna_storage()
+    trials = {}
+    for cell in cells:
+        for kind, wanted in (("search", spec.trials), ("replicate", spec.replicates)):
+            ts = optuna.load_study(study_name=optuna_name(spec, cell, kind), storage=storage).get_trials()
+            assert len([t for t in ts if t.state in ENDED]) == wanted == len(ts), (cell.key, kind, ts)
+            assert not [t for t in ts if "interrupted" in t.user_attrs]
+            trials[(cell.key, kind)] = ts
+    started = [t for ts in trials.values() for t in ts]
+    assert all("mlflow_run_id" in t.user_attrs for t in started)
+
+    # MLflow, through the tracking server: one run per started trial, statuses matching, parents intact.
+    client = MlflowClient(tracking)
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], "tags.`rnnbench.role` = 'trial'", max_results=1000)
+    by_id = {r.info.run_id: r for r in runs}
+    assert len(by_id) == len(runs) == len(started)
+    assert set(by_id) == {t.user_attrs["mlflow_run_id"] for t in started}
+    status_of = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+    for t in started:
+        assert by_id[t.user_attrs["mlflow_run_id"]].info.status == status_of[t.state], t
+    parents = {r.info.run_id: r for r in
+               client.search_runs([exp.experiment_id], "tags.`rnnbench.role` = 'cell'", max_results=1000)}
+    assert sorted(r.data.tags["rnnbench.cell"] for r in parents.values()) == sorted(c.key for c in cells)
+    assert all(r.info.status == "FINISHED" for r in parents.values())
+    for (key, kind), ts in trials.items():
+        for t in ts:
+            run = by_id[t.user_attrs["mlflow_run_id"]]
+            parent = parents[run.data.tags["mlflow.parentRunId"]]
+            assert parent.data.tags["rnnbench.cell"] == run.data.tags["rnnbench.cell"] == key
+            assert run.data.tags["rnnbench.kind"] == kind
+            assert run.data.tags["rnnbench.worker"] == t.user_attrs["worker"]
+
+    # Replicate runs' artifact went through the server into its artifact store.
+    replicate_runs = [r for r in runs if r.data.tags["rnnbench.kind"] == "replicate"]
+    assert len(replicate_runs) == len(cells) * spec.replicates
+    for run in replicate_runs:
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["grad_by_lag.json"]
+    grads = json.loads(Path(client.download_artifacts(replicate_runs[0].info.run_id, "grad_by_lag.json",
+                                                      str(tmp_path))).read_text())
+    assert set(grads) == {"init", "trained"}
+    assert len(list(artifacts.rglob("grad_by_lag.json"))) == len(cells) * spec.replicates
+    assert not (tmp_path / "launcher" / "artifacts").exists() and not (tmp_path / "launcher" / "mlflow.db").exists()
+
+    # More than one process did the work (three ran; at least two must have got trials).
+    assert len({r.data.tags["rnnbench.worker"] for r in runs}) >= 2
+
+    status = rnnbench("status", spec_path, "--storage", storage_url, cwd=tmp_path).stdout
+    total = len(cells) * (spec.trials + spec.replicates)
+    assert f"{total}/{total} trials ended, 0 running, {len(cells)}/{len(cells)} cells done" in status
