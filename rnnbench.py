@@ -85,14 +85,22 @@ def run(spec, root, workers, threads, storage, tracking_uri, stale_after):
     store = _store(root, storage, tracking_uri)
     click.echo(f"study {parsed.name}: {len(specs.cells(parsed))} cells x {parsed.trials} trials "
                f"(+{parsed.replicates} replicates each), {workers} worker(s), store {store.root}")
-    with Display(parsed) as display:
-        rows = run_study(parsed, path, sha, store, workers=workers, threads=threads, stale_after=stale_after,
-                         on_progress=display.update)
+    try:
+        with Display(parsed) as display:
+            rows = run_study(parsed, path, sha, store, workers=workers, threads=threads, stale_after=stale_after,
+                             on_progress=display.update)
+    except KeyboardInterrupt:
+        click.echo("stopped: the trials in hand were closed as interrupted; run the same command to resume", err=True)
+        sys.exit(130)
     failed = sum(r.search["FAIL"] - r.search["interrupted"] + r.replicate["FAIL"] - r.replicate["interrupted"]
                  for r in rows)
     click.echo(f"done: {parsed.name}" + (f" ({failed} failed trials; see `rnnbench status`)" if failed else ""))
-    click.echo(f"report:    rnnbench report {parsed.name} --root {root}")
-    click.echo(f"dashboard: rnnbench dashboard --root {root}")
+    where = f"--storage {storage} --tracking-uri {tracking_uri}" if storage else f"--root {root}"
+    if tracking_uri and not storage:
+        where += f" --tracking-uri {tracking_uri}"
+    click.echo(f"report:    rnnbench report {parsed.name} {where}")
+    click.echo(f"dashboard: {tracking_uri}" if tracking_uri and tracking_uri.startswith("http")
+               else f"dashboard: rnnbench dashboard {where}")
 
 
 @cli.command()
@@ -190,10 +198,15 @@ def report(study, root, storage, tracking_uri, source, out, reference):
 def dashboard(root, storage, tracking_uri, port, host, with_optuna, optuna_port, workers):
     """Start the MLflow UI over the study store, and with --optuna optuna-dashboard (Ctrl-C stops both)."""
     from reports import dashboard as dash
+    from studies.store import rdb_url
 
     store = _store(root, storage, tracking_uri)
-    servers = [dash.mlflow_ui(store.tracking_uri, None if tracking_uri else (store.root / "artifacts").as_uri(),
-                              host, port, workers)]
+    servers = []
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        click.echo(f"MLflow UI: {tracking_uri}  (the tracking server is the dashboard)")
+    else:
+        servers.append(dash.mlflow_ui(store.tracking_uri, None if tracking_uri else (store.root / "artifacts").as_uri(),
+                                      host, port, workers))
     if with_optuna:
         import importlib.util
         if importlib.util.find_spec("optuna_dashboard") is None:
@@ -201,9 +214,10 @@ def dashboard(root, storage, tracking_uri, port, host, with_optuna, optuna_port,
         journal = store.root / "optuna.journal"
         if storage is None and not journal.exists():
             raise UserError(f"{journal}: no Optuna storage here; run a study first or pass --root/--storage")
-        servers.append(dash.optuna_dashboard(storage or str(journal), host, optuna_port))
+        servers.append(dash.optuna_dashboard(rdb_url(storage) if storage else str(journal), host, optuna_port))
     click.echo(f"store: {store.tracking_uri}" + (f" and {storage or journal}" if with_optuna else ""))
-    sys.exit(dash.serve(servers, click.echo))
+    if servers:
+        sys.exit(dash.serve(servers, click.echo))
 
 
 @cli.command("list")

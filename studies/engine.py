@@ -32,7 +32,9 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
+from contextlib import contextmanager
 from functools import partial
 from importlib import metadata
 from pathlib import Path
@@ -48,6 +50,7 @@ from studies.training import Divergence, SequenceModel, TrainConfig, gradient_by
 from variants import count_parameters
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # QMCSampler
 
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 KINDS = ("search", "replicate")
@@ -412,6 +415,7 @@ class Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.cells = cells(spec)
         self.eval_sets = {}
+        self.bookkeeping_seconds = self.claim_seconds = 0.0
 
     def run(self, poll: float = 1.0) -> int:
         """Claim and run trials until every cell is done. Returns the number of trials run."""
@@ -419,7 +423,9 @@ class Worker:
             time.sleep(poll)
         ran = 0
         while True:
+            self.bookkeeping_seconds = 0.0  # the claim's share is the trial's
             job = self.next_trial()
+            self.claim_seconds = self.bookkeeping_seconds
             if job is not None:
                 self.run_trial(*job)
                 ran += 1
@@ -440,10 +446,20 @@ class Worker:
                 study = open_study(self.spec, self.storage, cell, kind)
                 # A sampler seeded per trial: the same study file gives the same suggestions however
                 # the trials were spread over workers.
-                trial = claim(study, partial(self.sampler_for, cell) if kind == "search" else None)
+                with self.bookkeeping():
+                    trial = claim(study, partial(self.sampler_for, cell) if kind == "search" else None)
                 if trial is not None:
                     return cell, kind, study, trial
         return None
+
+    @contextmanager
+    def bookkeeping(self):
+        """Count the time spent talking to Optuna and MLflow (logged per run as bookkeeping_seconds)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.bookkeeping_seconds += time.perf_counter() - start
 
     def sampler_for(self, cell: Cell, number: int) -> optuna.samplers.BaseSampler:
         return make_sampler(self.spec, cell, derive_seed(self.spec.seed, cell.key, "search", number))
@@ -451,11 +467,13 @@ class Worker:
     def run_trial(self, cell: Cell, kind: str, study: optuna.Study, trial: optuna.Trial) -> None:
         """Run one claimed trial and close it in Optuna and MLflow, whatever happens inside."""
         spec, client = self.spec, self.client
-        trial.set_user_attr("worker", self.name)
-        trial.set_user_attr("heartbeat", time.time())
+        started = time.perf_counter()
+        with self.bookkeeping():
+            trial.set_user_attr("worker", self.name)
+            trial.set_user_attr("heartbeat", time.time())
+            parent = open_study(spec, self.storage, cell, "search").user_attrs["mlflow_parent_run_id"]
         replicate = trial.user_attrs.get("replicate")
         seed = derive_seed(spec.seed, cell.key, kind, trial.number if replicate is None else replicate)
-        parent = open_study(spec, self.storage, cell, "search").user_attrs["mlflow_parent_run_id"]
         tags = {**cell_tags(spec, cell), **self.provenance, "mlflow.parentRunId": parent,
                 "rnnbench.role": "trial", "rnnbench.kind": kind, "rnnbench.trial": str(trial.number),
                 "rnnbench.optuna_study": study.study_name, "rnnbench.seed": str(seed),
@@ -463,9 +481,9 @@ class Worker:
         if replicate is not None:
             tags |= {"rnnbench.replicate": str(replicate), "rnnbench.source_trial": str(trial.user_attrs["source_trial"])}
         name = f"{cell.key}#{trial.number}" + (f" replicate {replicate}" if replicate is not None else "")
-        run_id = client.create_run(self.exp_id, run_name=name, tags=tags).info.run_id
-        trial.set_user_attr("mlflow_run_id", run_id)
-        started = time.perf_counter()
+        with self.bookkeeping():
+            run_id = client.create_run(self.exp_id, run_name=name, tags=tags).info.run_id
+            trial.set_user_attr("mlflow_run_id", run_id)
         try:
             value = self.train_trial(cell, trial, run_id, seed, probe_gradients=replicate is not None)
             self._end(study, trial, run_id, TrialState.COMPLETE, "FINISHED", value=value)
@@ -485,8 +503,12 @@ class Worker:
             client.log_text(run_id, traceback.format_exc(), "error.txt")
             self._end(study, trial, run_id, TrialState.FAIL, "FAILED", tags={"rnnbench.error": message})
         finally:
-            client.log_batch(run_id, metrics=[Metric("wall_seconds", time.perf_counter() - started,
-                                                     int(time.time() * 1000), 0)])
+            # Wall time from the claim to the end, and the part of it spent in Optuna and MLflow.
+            wall = time.perf_counter() - started + self.claim_seconds
+            book, self.bookkeeping_seconds = self.bookkeeping_seconds, 0.0
+            ts = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric("wall_seconds", wall, ts, 0),
+                                              Metric("bookkeeping_seconds", book, ts, 0)])
 
     def train_trial(self, cell: Cell, trial: optuna.Trial, run_id: str, seed: int, probe_gradients: bool) -> float:
         """Build the model for the trial's hyperparameters, train it, log as it goes; return the objective."""
@@ -502,8 +524,9 @@ class Worker:
                   **{f"switch.{k}": v for k, v in cell.variant.switches.items()},
                   **dict(zip(("solved.metric", "solved.op", "solved.threshold"), task.solved_when)),
                   "steps": spec.train.steps, "seconds": spec.train.seconds, "eval_every": spec.train.eval_every}
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
-                         metrics=[Metric("baseline", task.baseline, int(time.time() * 1000), 0)])
+        with self.bookkeeping():
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                             metrics=[Metric("baseline", task.baseline, int(time.time() * 1000), 0)])
         cfg = TrainConfig(lr=float(hp["lr"]), steps=spec.train.steps or 10**12, batch_size=int(hp["batch_size"]),
                           eval_every=spec.train.eval_every, grad_clip=hp["grad_clip"],
                           weight_decay=float(hp["weight_decay"]), max_seconds=spec.train.seconds)
@@ -515,11 +538,13 @@ class Worker:
             if metric not in metrics:
                 raise KeyError(f"objective metric {metric!r} is not reported by task {cell.task} "
                                f"(it reports: {', '.join(metrics)})")
-            ts = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
-            trial.set_user_attr("heartbeat", time.time())
-            trial.report(metrics[metric], step)
-            if trial.should_prune():
+            with self.bookkeeping():
+                ts = int(time.time() * 1000)
+                client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
+                trial.set_user_attr("heartbeat", time.time())
+                trial.report(metrics[metric], step)
+                prune = trial.should_prune()
+            if prune:
                 raise optuna.TrialPruned(f"pruned at step {step} ({metric} {metrics[metric]:.4g})")
 
         # Replicate runs record the vanishing-gradient picture before and after training.
@@ -528,17 +553,23 @@ class Worker:
         result = train(task, model, cfg, self.eval_sets[cell.key], seed, on_eval)
         if probe is not None:
             grads["trained"] = gradient_by_lag(task, model, probe)
-            client.log_dict(run_id, grads, "grad_by_lag.json")
+            with self.bookkeeping():
+                client.log_dict(run_id, grads, "grad_by_lag.json")
         value = result.metrics[metric]
         if not math.isfinite(value):
             raise Divergence(f"objective {metric} is {value}")
         summary = {"objective": value, "train_seconds": result.seconds, "steps_done": result.steps,
                    "seconds_per_step": result.seconds / max(result.steps, 1)}
-        client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), result.steps)
-                                          for k, v in summary.items()])
+        with self.bookkeeping():
+            client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), result.steps)
+                                              for k, v in summary.items()])
         return value
 
     def _end(self, study, trial, run_id, state, status, value=None, tags=None):
+        with self.bookkeeping():
+            self._close(study, trial, run_id, state, status, value, tags)
+
+    def _close(self, study, trial, run_id, state, status, value, tags):
         for k, v in (tags or {}).items():
             self.client.set_tag(run_id, k, v)
         try:
@@ -581,6 +612,7 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
     """
     lock_fd = store.lock()
     procs: list[subprocess.Popen] = []
+    previous = signal.signal(signal.SIGTERM, _stop)  # SIGTERM stops the workers too, like Ctrl-C
     try:
         if not store.distributed:
             store.repair_journal()
@@ -631,3 +663,4 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
             except subprocess.TimeoutExpired:
                 p.kill()
         os.close(lock_fd)
+        signal.signal(signal.SIGTERM, previous)

@@ -13,10 +13,10 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks import TaskSettingError, build_task, get_task_class
 from variants import check_switches, get_variant
@@ -73,18 +73,16 @@ def _check_space(space: dict[str, Param]) -> dict[str, Param]:
     return space
 
 
+SearchSpace = Annotated[dict[str, Param], AfterValidator(_check_space)]
+
+
 class VariantEntry(Strict):
     """``lstm`` or ``{variant: lstm, label: lstm_fb1, switches: {forget_bias: 1.0}, search_space: {...}}``."""
 
     variant: str
     label: str | None = None
     switches: dict[str, Any] = Field(default_factory=dict)
-    search_space: dict[str, Param] = Field(default_factory=dict)  # overrides the study's, per name
-
-    @field_validator("search_space")
-    @classmethod
-    def _space(cls, v):
-        return _check_space(v)
+    search_space: SearchSpace = Field(default_factory=dict)  # overrides the study's, per name
 
     @model_validator(mode="after")
     def _check(self):
@@ -143,7 +141,7 @@ class Spec(Strict):
     variants: list[VariantEntry] = Field(min_length=1)
     model: Model = Model()
     train: Train = Train()
-    search_space: dict[str, Param] = Field(default_factory=dict)
+    search_space: SearchSpace = Field(default_factory=dict)
     trials: int = Field(8, ge=1)  # ended trials per cell
     replicates: int = Field(5, ge=0)  # seeds the best configuration of each cell is retrained with
     sampler: Literal["tpe", "random", "grid", "qmc"] = "tpe"
@@ -160,11 +158,6 @@ class Spec(Strict):
     @classmethod
     def _variant_names(cls, v):
         return [{"variant": e} if isinstance(e, str) else e for e in v] if isinstance(v, list) else v
-
-    @field_validator("search_space")
-    @classmethod
-    def _space(cls, v):
-        return _check_space(v)
 
     @model_validator(mode="after")
     def _check(self):

@@ -15,6 +15,7 @@ Distributed: ``--storage postgresql://...`` (Optuna RDB) and ``--tracking-uri ht
 from __future__ import annotations
 
 import fcntl
+import logging
 import importlib.util
 import os
 import time
@@ -27,6 +28,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is im
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402
+
+logging.getLogger("mlflow").setLevel(logging.WARNING)  # not "Creating initial MLflow database tables..."
 import optuna  # noqa: E402
 import sqlalchemy.exc  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402

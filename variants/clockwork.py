@@ -146,9 +146,10 @@ class _Recurrence(torch.autograd.Function):
         w_t = {n: w[:n].t() for n in widths}
         xp_n = _prefix_views(xp, widths)
         hs_n = _prefix_views(hs[1:], widths)
+        kept = {n: hs[..., n:].unbind(0) for n in {n for n, _ in plan if n < H}}  # units after the prefix
         for t, ((n, active), h_prev, h) in enumerate(zip(plan, hs.unbind(0), hs[1:].unbind(0))):
             if n < H:
-                h[:, n:] = h_prev[:, n:]
+                kept[n][t + 1].copy_(kept[n][t])
             if n:
                 torch.addmm(xp_n[n][t], h_prev, w_t[n], out=hs_n[n][t]).tanh_()
                 for j in _idle(active, n, m):  # modules inside the prefix that are not scheduled

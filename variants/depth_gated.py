@@ -41,6 +41,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from variants import register
+from variants.lstm import _sigmoid_backward, _tanh_backward  # ATen's fused σ' and tanh'
 
 
 @register("depth_gated", description="Depth-gated LSTM: gated cell-to-cell path between stacked layers",
@@ -215,12 +216,3 @@ class _Recurrence(torch.autograd.Function):
 
 _CHUNK = 8  # steps whose backward factors and weight gradients are computed together
 
-
-def _sigmoid_backward(grad, s, out):
-    """out = grad ⊙ s ⊙ (1 - s), in one pass (ATen's fused derivative of σ, given its output s)."""
-    return torch.ops.aten.sigmoid_backward.grad_input(grad, s, grad_input=out)
-
-
-def _tanh_backward(grad, y, out):
-    """out = grad ⊙ (1 - y²), in one pass (ATen's fused derivative of tanh, given its output y)."""
-    return torch.ops.aten.tanh_backward.grad_input(grad, y, grad_input=out)

@@ -274,12 +274,12 @@ class _Recurrence(torch.autograd.Function):
                 torch.mul(dh, y, out=dzo)
                 if da is not None:
                     dzo.add_(da[:, so])
-                dzo.mul_(o - o * o)
+                _sigmoid_backward(dzo, o, out=dzo)
                 dy = dh * o
             else:
                 dy = dh
             if cell.output_activation:
-                dc.addcmul_(dy, 1.0 - y * y)
+                dc.add_(_tanh_backward(dy, y, out=dy if so is not None else None))
             else:
                 dc.add_(dy)
             if po is not None:
@@ -290,7 +290,7 @@ class _Recurrence(torch.autograd.Function):
             else:
                 dzg.copy_(dc)
             if cell.input_activation:
-                dzg.mul_(1.0 - g * g)
+                _tanh_backward(dzg, g, out=dzg)
             if i is not None:
                 dzi = dz[:, si]
                 torch.mul(dc, g, out=dzi)
@@ -303,7 +303,7 @@ class _Recurrence(torch.autograd.Function):
                 dz_if, a_if = dz[:, :KH], a[:, :KH]
                 if da is not None:
                     dz_if.add_(da[:, :KH])
-                dz_if.mul_(a_if - a_if * a_if)
+                _sigmoid_backward(dz_if, a_if, out=dz_if)
             if f is not None:
                 dc.mul_(f)                            # now dc is d loss / d c_{t-1}
             elif cell.coupled:
@@ -331,6 +331,18 @@ class _Recurrence(torch.autograd.Function):
             d_w_gg_t.addmm_(acts[:-1, :, :SH].reshape(-1, SH).t(), dZ[1:, :, :SH].reshape(-1, SH))
             d_w_gg = d_w_gg_t.t()
         return None, dZ, dh, dc, da, d_w_hh, d_peep, d_w_gg
+
+
+def _sigmoid_backward(grad, s, out):
+    """grad ⊙ s ⊙ (1 - s) in one pass (ATen's fused derivative of σ, given its output s); out may alias grad."""
+    return torch.ops.aten.sigmoid_backward.grad_input(grad, s, grad_input=out)
+
+
+def _tanh_backward(grad, y, out=None):
+    """grad ⊙ (1 - y²) in one pass (ATen's fused derivative of tanh, given its output y); out may alias grad."""
+    if out is None:
+        return torch.ops.aten.tanh_backward(grad, y)
+    return torch.ops.aten.tanh_backward.grad_input(grad, y, grad_input=out)
 
 
 LSTM_DEFAULTS = dict(input_gate=True, forget_gate=True, output_gate=True, input_activation=True,
