@@ -223,10 +223,11 @@ def prepare(spec: Spec, spec_text: str, store: Store, storage, client) -> str:
     return exp_id
 
 
-def top_up(spec: Spec, storage) -> None:
+def top_up(spec: Spec, storage, rows: list[CellProgress] | None = None) -> None:
     """Enqueue WAITING trials so each cell will end with exactly ``trials`` counted search trials, and,
-    once a cell's search has ended, ``replicates`` replicate runs of its best configuration."""
-    for row in progress(spec, storage):
+    once a cell's search has ended, ``replicates`` replicate runs of its best configuration.
+    ``rows``: this moment's :func:`progress`, if the caller has it."""
+    for row in rows if rows is not None else progress(spec, storage):
         cell = row.cell
         s = row.search
         missing = spec.trials - (s["counted"] + s["WAITING"] + s["RUNNING"])
@@ -647,7 +648,8 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
             if time.monotonic() - last_reap > 10 * poll:
                 reap(spec, storage, client, exp_id, stale_after)
                 last_reap = time.monotonic()
-            top_up(spec, storage)
+                rows = None  # reaping changed what top_up must see
+            top_up(spec, storage, rows)
             time.sleep(poll)
         rows = progress(spec, storage)
         finish_parents(spec, storage, client, rows)
