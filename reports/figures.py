@@ -317,15 +317,15 @@ class Painter:
     def gradient(self, task: str) -> Figure | None:
         runs = self.t.results[(self.t.results.task == task) & (self.t.results.kind == "replicate")]
         data = self.t.grad_by_lag[self.t.grad_by_lag.run_id.isin(runs.run_id)]
-        data = data[data.norm > 0]
         if data.empty:
             return None
         data = data.merge(runs[["run_id", "variant", "ladder_value"]], on="run_id")
+        medians = gradient_medians(data)
         values, ladder = self.values(task), self.ladder(task)
         fig, axes = self.panels(len(values))
         for ax, value in zip(axes, values):
-            sns.lineplot(data[data.ladder_value == value], x="lag", y="norm", hue="variant", hue_order=self.order,
-                         palette=self.palette, style="phase", style_order=["trained", "init"], estimator="median",
+            sns.lineplot(medians[medians.ladder_value == value], x="lag", y="norm", hue="variant",
+                         hue_order=self.order, palette=self.palette, style="phase", style_order=["trained", "init"],
                          errorbar=None, ax=ax, legend=ax is axes[-1])
             ax.set(title=f"{ladder} = {value}", xlabel="lag to the end of the sequence (steps)",
                    ylabel="‖∂ loss / ∂ h_t‖", yscale="log")
@@ -337,8 +337,19 @@ class Painter:
         return Figure(f"gradient_{task}", f"{task}: gradient against lag", (
             f"{task}: the norm of d loss / d h_t (the top layer's hidden state at step t, mean over a fixed "
             f"probe batch) against the lag T-1-t, at initialisation (dashed) and after training (solid); "
-            f"median over the replicate runs ({span(n)} per variant); log y; one panel per {ladder}. "
+            f"median over the replicate runs ({span(n)} per variant); log y, so a median of exactly 0 (the "
+            f"gradient vanished below float32) ends the line; one panel per {ladder}. "
             "A steep fall with lag is the vanishing gradient (Hochreiter 1991; Bengio et al. 1994)."))
+
+
+def gradient_medians(data: pd.DataFrame) -> pd.DataFrame:
+    """Median gradient norm over runs per (length, variant, phase, lag), the points a log axis can show.
+
+    Exact zeros (a gradient that vanished below float32) count in the median; a median of zero is
+    then left out (a gap), never the zeros before the median, which would let one surviving run
+    stand for all of them."""
+    medians = data.groupby(["ladder_value", "variant", "phase", "lag"], as_index=False).norm.median()
+    return medians[medians.norm > 0]
 
 
 KINDS = ("objective", "difficulty", "learning", "importance", "lr_sensitivity", "cost", "gradient")

@@ -172,3 +172,13 @@ def test_figures_explain_what_is_missing(tmp_path):
     missing = {k: v for k, v in out["adding"] if not isinstance(v, Figure)}
     assert set(missing) == {"gradient", "importance", "lr_sensitivity"}
     assert all(isinstance(v, str) and v for v in missing.values())
+
+
+def test_gradient_medians_count_vanished_runs():
+    from reports.figures import gradient_medians
+    rows = [(run, lag, norm) for run, norms in (("a", [1e-2, 1e-9, 0.0]), ("b", [1e-2, 0.0, 0.0]),
+                                                 ("c", [1e-2, 1e-4, 1e-4]))
+            for lag, norm in enumerate(norms)]
+    data = pd.DataFrame(rows, columns=["run_id", "lag", "norm"]).assign(ladder_value=30, variant="rnn", phase="trained")
+    medians = gradient_medians(data).set_index("lag").norm
+    assert medians.to_dict() == {0: 1e-2, 1: 1e-9}  # lag 2: two of three runs vanished, so the median is 0
