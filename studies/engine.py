@@ -33,21 +33,21 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from importlib import metadata
 from pathlib import Path
 
 import optuna
 import torch
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param
 from optuna.trial import TrialState
 
 from studies.spec import Cell, Spec, cell_fingerprint, cells
 from studies.store import Store
-from studies.training import Divergence, SequenceModel, TrainConfig, gradient_by_lag, train
-from variants import count_parameters
+from studies.training import EMBED_MAX, Divergence, SequenceModel, TrainConfig, gradient_by_lag, train
+from variants import count_parameters, hidden_for_param_budget
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # QMCSampler
@@ -397,8 +397,6 @@ def hyperparameters(spec: Spec, cell: Cell, trial: optuna.Trial) -> dict:
 def hidden_size(spec: Spec, cell: Cell, task, hp: dict) -> int:
     if spec.model.match == "width":
         return int(hp["hidden_size"])
-    from variants import hidden_for_param_budget
-    from studies.training import EMBED_MAX
     rnn_in = min(task.input_size, EMBED_MAX) if task.input_kind == "tokens" else task.input_size
     return hidden_for_param_budget(cell.variant.variant, rnn_in, spec.model.param_budget,
                                    num_layers=int(hp["num_layers"]), output_size=task.output_size,
