@@ -89,6 +89,14 @@ class Painter:
         if ax.get_legend() is not None:
             sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), fontsize=7, title_fontsize=8, frameon=False)
 
+    def finish(self, fig, axes, name: str, title: str, values=None, task: str | None = None) -> None:
+        """Legend beside the last panel, log y when ``values`` call for it (:meth:`logy`), title, save."""
+        self.outside_legend(axes[-1])
+        if values is not None and self.logy(values, task):
+            axes[0].set_yscale("log")
+        fig.suptitle(title)
+        save(fig, self.folder, name)
+
     def values(self, task: str) -> list:
         return sorted(self.t.results.loc[self.t.results.task == task, "ladder_value"].unique())
 
@@ -159,13 +167,9 @@ class Painter:
             drawn |= set(self.references(ax, task, value))
             ax.set(title=f"{ladder} = {value}", xlabel="", ylabel=f"final {self.metric}")
             ax.tick_params(axis="x", rotation=30)
-        if self.logy(data.value, task):
-            axes[0].set_yscale("log")
         if drawn:
             axes[-1].legend()
-            self.outside_legend(axes[-1])
-        fig.suptitle(f"{task}: final {self.metric} per variant")
-        save(fig, self.folder, f"objective_{task}")
+        self.finish(fig, axes, f"objective_{task}", f"{task}: final {self.metric} per variant", data.value, task)
         n = data.groupby(["ladder_value", "variant"]).size()
         return Figure(f"objective_{task}", f"{task}: objective per variant", (
             f"{task}: the final held-out {self.metric} of the {self.runs_word()} (coloured dots, one per run; "
@@ -226,11 +230,7 @@ class Painter:
                          estimator="median", errorbar=("pi", 50), ax=ax, legend=ax is axes[-1])
             drawn |= set(self.references(ax, task, value))
             ax.set(title=f"{ladder} = {value}", xlabel="training step", ylabel=f"held-out {self.metric}")
-        self.outside_legend(axes[-1])
-        if self.logy(curves.value, task):
-            axes[0].set_yscale("log")
-        fig.suptitle(f"{task}: learning curves")
-        save(fig, self.folder, f"learning_{task}")
+        self.finish(fig, axes, f"learning_{task}", f"{task}: learning curves", curves.value, task)
         return Figure(f"learning_{task}", f"{task}: learning curves", (
             f"{task}: held-out {self.metric} at each evaluation step; line: the median over the "
             f"{self.runs_word()} of each variant, band: their 25th-75th percentile; one panel per {ladder}. "
@@ -280,11 +280,7 @@ class Painter:
             drawn |= set(self.references(ax, task, value))
             ax.set_xscale("log")
             ax.set(title=f"{ladder} = {value}", xlabel="learning rate", ylabel=f"final {self.metric}")
-        self.outside_legend(axes[-1])
-        if self.logy(data.objective, task):
-            axes[0].set_yscale("log")
-        fig.suptitle(f"{task}: learning-rate sensitivity")
-        save(fig, self.folder, f"lr_{task}")
+        self.finish(fig, axes, f"lr_{task}", f"{task}: learning-rate sensitivity", data.objective, task)
         return Figure(f"lr_{task}", f"{task}: learning-rate sensitivity", (
             f"{task}: final held-out {self.metric} of every complete search trial (one dot each, "
             f"{len(data)} in all) against its learning rate (log x), coloured by variant; one panel per "
@@ -303,11 +299,7 @@ class Painter:
             sns.scatterplot(data, x=label, y="value", hue="variant", hue_order=self.order, palette=self.palette,
                             style=ladder, ax=ax, s=40, alpha=0.8, legend=ax is axes[-1])
             ax.set(ylabel=f"final {self.metric}")
-        self.outside_legend(axes[-1])
-        if self.logy(data.value):
-            axes[0].set_yscale("log")
-        fig.suptitle(f"{task}: cost against result")
-        save(fig, self.folder, f"cost_{task}")
+        self.finish(fig, axes, f"cost_{task}", f"{task}: cost against result", data.value)
         return Figure(f"cost_{task}", f"{task}: cost", (
             f"{task}: final held-out {self.metric} of the {self.runs_word()} (one dot each) against the model's number of "
             f"trainable parameters (left) and its measured training time per step in seconds (right, "
@@ -330,9 +322,7 @@ class Painter:
             ax.set(title=f"{ladder} = {value}", xlabel="lag to the end of the sequence (steps)",
                    ylabel="‖∂ loss / ∂ h_t‖", yscale="log")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        self.outside_legend(axes[-1])
-        fig.suptitle(f"{task}: gradient reaching each step")
-        save(fig, self.folder, f"gradient_{task}")
+        self.finish(fig, axes, f"gradient_{task}", f"{task}: gradient reaching each step")
         n = data.groupby(["ladder_value", "variant"]).run_id.nunique()
         return Figure(f"gradient_{task}", f"{task}: gradient against lag", (
             f"{task}: the norm of d loss / d h_t (the top layer's hidden state at step t, mean over a fixed "
