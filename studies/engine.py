@@ -98,11 +98,11 @@ def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(spec: Spec, store_storage, cell: Cell, kind: str, seed: int = 0) -> optuna.Study:
-    search = kind == "search"
-    return optuna.Study(optuna_name(spec, cell, kind), store_storage,
-                        sampler=make_sampler(spec, cell, seed) if search else optuna.samplers.RandomSampler(seed),
-                        pruner=make_pruner(spec) if search else optuna.pruners.NopPruner())
+def open_study(spec: Spec, storage, cell: Cell, kind: str) -> optuna.Study:
+    """A handle on one of a cell's Optuna studies. Its sampler never samples: :func:`claim` installs a
+    per-trial one for search trials, and replicate trials have every parameter fixed."""
+    return optuna.Study(optuna_name(spec, cell, kind), storage, sampler=optuna.samplers.RandomSampler(0),
+                        pruner=make_pruner(spec) if kind == "search" else optuna.pruners.NopPruner())
 
 
 def suggest(trial: optuna.Trial, cell: Cell) -> dict:

@@ -41,12 +41,12 @@ class Display:
     def update(self, rows: list[CellProgress]) -> None:
         total, ended, running, cells_done = _counts(self.spec, rows)
         text = f"cells {cells_done}/{len(rows)}, running {running}"
+        state = (ended, cells_done)
         if self.live:
             self.bar.update(self.task, total=total, completed=ended, description=text)
-        elif (ended, cells_done) != self.last and time.monotonic() - self.last_line >= self.interval or ended == total:
-            if (ended, cells_done) != self.last:
-                print(f"[{time.strftime('%H:%M:%S')}] trials {ended}/{total}, {text}", flush=True)
-            self.last, self.last_line = (ended, cells_done), time.monotonic()
+        elif state != self.last and (time.monotonic() - self.last_line >= self.interval or ended == total):
+            print(f"[{time.strftime('%H:%M:%S')}] trials {ended}/{total}, {text}", flush=True)
+            self.last, self.last_line = state, time.monotonic()
 
     def __exit__(self, *exc):
         if self.live:

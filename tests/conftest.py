@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +44,27 @@ def rnnbench(*args, cwd=None, check=True, timeout=600) -> subprocess.CompletedPr
         raise AssertionError(f"rnnbench {' '.join(map(str, args))} exited {proc.returncode}:\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, output=lambda: "", timeout: float = 180) -> bytes:
+    """GET ``url`` until it answers; fail early, with ``output()``, if the server ``proc`` exits."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}:\n{output()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.read()
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout} s:\n{output()}")
 
 
 @dataclass

@@ -8,15 +8,20 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import free_port, wait_for
 from studies.store import Store
 
 CHROMIUM = shutil.which("chromium")
+
+
+def exited_output(proc):
+    """The server's output for an error message; a live server's pipe is not read (it would block)."""
+    return lambda: proc.stdout.read() if proc.poll() is not None else "(still running)"
+
 OPTUNA_DASHBOARD = importlib.util.find_spec("optuna_dashboard") is not None  # the `dashboard` extra
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(CHROMIUM is None, reason="no headless browser here: apt-get install -y chromium")]
@@ -25,23 +30,6 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--virtual-time-budget=20000", "--window-size=1400,1000"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, timeout: float = 180) -> bytes:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"dashboard exited {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                return r.read()
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
 def chromium(tmp_path, *args) -> str:
@@ -62,9 +50,9 @@ def test_dashboard_shows_the_study_in_a_browser_and_stops_cleanly(tiny_study, tm
     proc = subprocess.Popen([sys.executable, "-m", "rnnbench", "dashboard", "--root", str(tiny_study.root),
                              "--port", str(port), *optuna], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(f"http://127.0.0.1:{port}/health", proc)
+        wait_for(f"http://127.0.0.1:{port}/health", proc, exited_output(proc))
         if OPTUNA_DASHBOARD:
-            studies = json.loads(wait_for(f"http://127.0.0.1:{optuna_port}/api/studies", proc, 60))
+            studies = json.loads(wait_for(f"http://127.0.0.1:{optuna_port}/api/studies", proc, exited_output(proc), timeout=60))
             names = {s["study_name"] for s in studies["study_summaries"]}
             assert {"tiny/adding(seq_len=8)/rnn", "tiny/adding(seq_len=8)/rnn/replicates"} <= names
 

@@ -14,12 +14,10 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -27,7 +25,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import TINY, rnnbench
+from conftest import TINY, free_port, rnnbench, wait_for
 from studies import spec as specs
 from studies.engine import ENDED, optuna_name
 from studies.store import Store
@@ -59,12 +57,6 @@ def skip_reason() -> str | None:
     except ImportError:
         return "psycopg2 is not installed (pip install -e '.[test]')"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def as_postgres(cmd: list[str]) -> list[str]:
@@ -137,17 +129,6 @@ def postgres():
         pg.stop()
 
 
-def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"the MLflow server exited {proc.returncode}:\n{log.read_text()[-5000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                return r.read()
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-5000:]}")
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30):
@@ -185,7 +166,7 @@ def tracking_server(postgres, tmp_path_factory):
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(f"{url}/health", proc, log)
+        wait_for(f"{url}/health", proc, lambda: log.read_text()[-5000:])
         yield url, base / "artifacts"
     finally:
         stop(proc)

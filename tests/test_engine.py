@@ -186,3 +186,41 @@ def test_same_spec_and_seed_give_the_same_numbers(tmp_path):
         values.append([(t.params, t.value) for t in ts])
     assert values[0] == values[1]
     assert len({v[0]["lr"] for v in values[0]}) == 3  # and the trials did differ from each other
+
+
+def test_reap_closes_dead_or_silent_workers_trials_only(tmp_path):
+    from studies.engine import claim, open_study, prepare, reap, top_up
+
+    spec_path = write_spec(tmp_path, KILL)
+    spec, _, _ = specs.load(spec_path)
+    store = Store(tmp_path / "runs")
+    storage, client = store.optuna_storage(), store.mlflow_client()
+    exp_id = prepare(spec, spec_path.read_text(), store, storage, client)
+    top_up(spec, storage)
+    lstm, gru = specs.cells(spec)
+    now = time.time()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    workers = {"remote:1": (lstm, now - 100), "remote:2": (lstm, now - 5),  # silent / alive elsewhere
+               f"{os.uname().nodename}:{dead.pid}": (gru, now)}  # this machine, process gone
+    claimed = {}
+    for worker, (cell, beat) in workers.items():
+        trial = claim(open_study(spec, storage, cell, "search"))
+        run_id = client.create_run(exp_id, tags={"rnnbench.role": "trial", "rnnbench.trial": str(trial.number),
+                                                 "rnnbench.optuna_study": trial.study.study_name}).info.run_id
+        for key, value in {"worker": worker, "heartbeat": beat, "mlflow_run_id": run_id}.items():
+            trial.set_user_attr(key, value)
+        claimed[worker] = (trial.number, cell, run_id)
+
+    assert reap(spec, storage, client, exp_id, stale_after=50) == 2
+    for worker, (number, cell, run_id) in claimed.items():
+        t = open_study(spec, storage, cell, "search").trials[number]
+        if worker == "remote:2":
+            assert t.state == TrialState.RUNNING and client.get_run(run_id).info.status == "RUNNING"
+        else:
+            assert t.state == TrialState.FAIL and "interrupted" in t.user_attrs
+            assert client.get_run(run_id).info.status == "KILLED"
+    top_up(spec, storage)  # the two interrupted trials are replaced: still exactly 3 per cell to come
+    for cell in (lstm, gru):
+        ts = open_study(spec, storage, cell, "search").trials
+        assert sum(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in ts) == 3
