@@ -1,11 +1,13 @@
 """The `rnnbench` command: run studies, watch them, report on them.
 
     rnnbench run SPEC [--root DIR] [--workers N]     run (or resume) a study
+    rnnbench plan SPEC [--workers N]                 check a study, estimate its cost; runs nothing
     rnnbench worker SPEC [--storage URL ...]         an extra worker, e.g. on another machine
     rnnbench status SPEC                             trials per cell
     rnnbench report STUDY | --from DIR --out DIR     tables, statistics, figures, index.html
     rnnbench dashboard [--optuna]                    the MLflow UI (and optuna-dashboard) over the store
     rnnbench list variants|tasks                     what exists
+    rnnbench check variant|task NAME [--imports F]   a cell or task (yours too) against the interface
     rnnbench bench                                   speed of every variant against nn.LSTM
 """
 
@@ -36,26 +38,66 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
+def _user_error_types() -> tuple[type[Exception], ...]:
+    """The project's own error types: imported only when an error is being handled (they live in
+    modules that are slow to import)."""
+    from studies.launcher import WorkersDying
+    from studies.queue import StudyChanged
+    from studies.spec import SpecError
+    from studies.store import RootBusy, StoreUnavailable
+    from tasks import TaskSettingError
+    return SpecError, StudyChanged, RootBusy, StoreUnavailable, WorkersDying, TaskSettingError
+
+
 def user_errors(fn):
-    """Turn the project's user-facing errors into one line on stderr and exit code 2."""
+    """Turn the project's user-facing errors into one line on stderr and exit code 2.
+
+    Only the project's own error types, and plain ``LookupError``, which reports/ raises for a study or
+    saved report that is not there. Anything else is a bug: :class:`Cli` shows its traceback.
+    """
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from studies.engine import StudyChanged
-        from studies.spec import SpecError
-        from studies.store import RootBusy
-        from tasks import TaskSettingError
         try:
             return fn(*args, **kwargs)
-        except (SpecError, StudyChanged, RootBusy, TaskSettingError, LookupError) as e:
-            raise UserError(str(e).strip("'\"")) from None
+        except Exception as e:
+            if not (isinstance(e, _user_error_types()) or type(e) is LookupError):
+                raise  # KeyError, IndexError...: a bug, not a missing study or report
+            if _debug() and e.__cause__ is not None:  # e.g. the traceback inside a study file's own module
+                import traceback
+                traceback.print_exception(e.__cause__, file=sys.stderr)
+            raise UserError(str(e)) from None
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli():
+class Cli(click.Group):
+    """The command group. An exception no command turned into a one-line error is a bug: show its
+    traceback and say so, exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception:
+            import traceback
+            traceback.print_exc()
+            click.echo("rnnbench: internal error (a bug); please report it with the traceback above", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rnnbench", prog_name="rnnbench", message="%(prog)s %(version)s")
+@click.option("--debug", is_flag=True, help="With an error, also show the traceback behind it "
+                                            "(e.g. inside a module a study file imports).")
+def cli(debug):
     """Benchmarks and ablation studies of recurrent cells on long-dependency tasks."""
+
+
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("debug"))
 
 
 def _store(root, storage=None, tracking_uri=None):
@@ -76,7 +118,7 @@ def _store(root, storage=None, tracking_uri=None):
 def run(spec, root, workers, threads, storage, tracking_uri, stale_after):
     """Run (or resume) the study in SPEC: a study file, or the name of a shipped one (e.g. quickstart)."""
     from studies import spec as specs
-    from studies.engine import run_study
+    from studies.launcher import run_study
     from studies.progress import Display
 
     parsed, path, sha = specs.load(spec)
@@ -104,6 +146,24 @@ def run(spec, root, workers, threads, storage, tracking_uri, stale_after):
 @cli.command()
 @click.argument("spec")
 @ROOT
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Worker processes the estimate is for (as `rnnbench run --workers`).")
+@user_errors
+def plan(spec, root, workers):
+    """Check SPEC and estimate its cost without running it: cells, parameter counts, runs, and wall time
+    for --workers, from a short calibration on this machine (cached in ROOT/plan-cache.json, the only file
+    it writes)."""
+    from studies import spec as specs
+    from studies.plan import estimate, format_plan
+
+    parsed, path, _ = specs.load(spec)
+    click.echo(f"study {parsed.name} ({path}): valid")
+    click.echo(format_plan(estimate(parsed, root, workers)))
+
+
+@cli.command()
+@click.argument("spec")
+@ROOT
 @THREADS
 @STORAGE
 @TRACKING
@@ -111,7 +171,7 @@ def run(spec, root, workers, threads, storage, tracking_uri, stale_after):
 def worker(spec, root, threads, storage, tracking_uri):
     """Run trials of a study prepared by `rnnbench run` until it is done (start more on other machines)."""
     from studies import spec as specs
-    from studies.engine import run_worker
+    from studies.worker import run_worker
 
     parsed, _, sha = specs.load(spec)
     try:
@@ -130,14 +190,20 @@ def worker(spec, root, threads, storage, tracking_uri):
 def status(spec, root, storage):
     """Trials finished/pruned/failed/running per cell, best objective, replication progress."""
     from studies import spec as specs
-    from studies.engine import progress
+    from studies.queue import progress
     from studies.progress import status_table
 
     parsed, _, _ = specs.load(spec)
-    store = _store(root, storage)
-    if not store.distributed and not (store.root / "optuna.journal").exists():
-        raise UserError(f"{store.root}: no study store here yet; run `rnnbench run {spec} --root {root}` first")
-    status_table(parsed, progress(parsed, store.optuna_storage()))
+    if storage:
+        optuna_storage = _store(root, storage).optuna_storage()
+    else:  # the journal alone: studies.store would import MLflow, most of this command's time
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        journal = root.resolve() / "optuna.journal"
+        if not journal.exists():
+            raise UserError(f"{root.resolve()}: no study store here yet; run `rnnbench run {spec} --root {root}` first")
+        optuna_storage = JournalStorage(JournalFileBackend(str(journal)))
+    status_table(parsed, progress(parsed, optuna_storage))
 
 
 @cli.command()
@@ -152,14 +218,31 @@ def status(spec, root, storage):
 @click.option("--reference", default=None, metavar="VARIANT",
               help="Variant label the statistics compare every other variant with. "
                    "Default: the study file's `reference`, else lstm, else the first variant.")
+@click.option("--watch", is_flag=True,
+              help="Regenerate the report every --interval seconds while the study runs and serve it, reloading "
+                   "itself, on 127.0.0.1:--port until Ctrl-C (it is logged to MLflow only without --watch).")
+@click.option("--interval", type=click.FloatRange(1), default=10, show_default=True,
+              help="With --watch: seconds between regenerations.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8050, show_default=True,
+              help="With --watch: port of the live page.")
 @user_errors
-def report(study, root, storage, tracking_uri, source, out, reference):
+def report(study, root, storage, tracking_uri, source, out, reference, watch, interval, port):
     """Write tables, statistics, figures and index.html for STUDY (or regenerate them with --from).
 
     \b
     rnnbench report STUDY [--root DIR]        collect from MLflow + Optuna, write ROOT/reports/STUDY/
     rnnbench report --from TABLE --out DIR    redraw everything from a saved report, byte for byte
+    rnnbench report STUDY --watch             the same, every 10 s, served at http://127.0.0.1:8050/
     """
+    if watch:
+        if study is None or source is not None:
+            raise UserError("--watch follows a study as it runs: give a STUDY name, not --from")
+        from reports import dashboard as dash
+        try:  # before the slow imports: a taken port fails at once
+            dash.check_port("127.0.0.1", port)
+        except dash.PortInUse as e:
+            raise UserError(str(e)) from None
+        sys.exit(_live_report(_store(root, storage, tracking_uri), study, out, reference, interval, port))
     from reports import tables as saved
     from reports.build import build_report, publish
 
@@ -183,6 +266,39 @@ def report(study, root, storage, tracking_uri, source, out, reference):
     click.echo(f"open it: xdg-open {index}   (or python -m http.server -d {index.parent})")
 
 
+def _live_report(store, study, out, reference, interval, port) -> int:
+    """`report --watch`: regenerate (never publish) the report every ``interval`` s and serve it."""
+    from reports.build import build_report
+    from reports.collect import collect
+    from reports.dashboard import PortInUse
+    from reports.watch import watch
+
+    opened = {}
+
+    def regenerate():
+        if "client" not in opened:
+            if not store.distributed:
+                # Open MLflow's SQLite store only once the launcher has set it up (it records each cell's
+                # parent run in the journal after creating the experiment): two processes creating its
+                # tables at once can break the launcher's.
+                journal = store.root / "optuna.journal"
+                storage = store.optuna_storage() if journal.exists() else None
+                if storage is None or not any(s.study_name.startswith(f"{study}/") and "mlflow_parent_run_id" in s.user_attrs
+                                              for s in storage.get_all_studies()):
+                    raise LookupError(f"study {study!r} is not prepared in {store.root} yet")
+                opened["storage"] = storage
+            else:
+                opened["storage"] = store.optuna_storage()
+            opened["client"] = store.mlflow_client()
+        tables = collect(opened["client"], study, opened["storage"])
+        return build_report(tables, out or store.reports_dir(study), reference)
+
+    try:
+        return watch(regenerate, "127.0.0.1", port, interval, click.echo)
+    except PortInUse as e:
+        raise UserError(str(e)) from None
+
+
 @cli.command()
 @ROOT
 @STORAGE
@@ -196,15 +312,26 @@ def report(study, root, storage, tracking_uri, source, out, reference):
 def dashboard(root, storage, tracking_uri, port, host, with_optuna, optuna_port, workers):
     """Start the MLflow UI over the study store, and with --optuna optuna-dashboard (Ctrl-C stops both)."""
     from reports import dashboard as dash
+
+    remote_ui = bool(tracking_uri and tracking_uri.startswith(("http://", "https://")))
+    try:  # before the slow imports: a taken port fails at once
+        for wanted in ([] if remote_ui else [port]) + ([optuna_port] if with_optuna else []):
+            dash.check_port(host, wanted)
+    except dash.PortInUse as e:
+        raise UserError(str(e)) from None
     from studies.store import rdb_url
 
     store = _store(root, storage, tracking_uri)
     servers = []
-    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+    if remote_ui:
         click.echo(f"MLflow UI: {tracking_uri}  (the tracking server is the dashboard)")
     else:
+        studies = {}
+        if tracking_uri or (store.root / "mlflow.db").exists():
+            studies = {e.name: e.experiment_id for e in store.mlflow_client().search_experiments()
+                       if "rnnbench.study_meta" in e.tags}
         servers.append(dash.mlflow_ui(store.tracking_uri, None if tracking_uri else (store.root / "artifacts").as_uri(),
-                                      host, port, workers))
+                                      host, port, workers, studies))
     if with_optuna:
         import importlib.util
         if importlib.util.find_spec("optuna_dashboard") is None:
@@ -220,8 +347,19 @@ def dashboard(root, storage, tracking_uri, port, host, with_optuna, optuna_port,
 
 @cli.command("list")
 @click.argument("what", type=click.Choice(["variants", "tasks"]))
-def list_(what):
-    """List the variants or tasks a study file can name."""
+@click.option("--imports", multiple=True, metavar="FILE|MODULE",
+              help="A Python file or dotted module to import first, as a study file's `imports:` (repeatable).")
+def list_(what, imports):
+    """List the variants or tasks a study file can name (with --imports: yours too)."""
+    from variants.imports import UserModuleError, import_user_modules
+
+    try:
+        import_user_modules(imports, Path.cwd())
+    except UserModuleError as e:
+        if _debug():
+            import traceback
+            traceback.print_exception(e.__cause__ or e, file=sys.stderr)
+        raise UserError(f"--imports {e}") from None
     if what == "variants":
         from variants import VARIANTS
         for v in VARIANTS.values():
@@ -232,6 +370,76 @@ def list_(what):
             click.echo(f"{name:20s} {t.description}  [{t.paper}]")
 
 
+@cli.group()
+def check():
+    """Check a variant or a task, yours too (--imports), against the interface studies rely on."""
+
+
+IMPORTS = click.option("--imports", multiple=True, metavar="FILE|MODULE",
+                       help="A Python file or dotted module to import first, e.g. one that calls variants.register "
+                            "or tasks.register (repeatable).")
+
+
+@check.command("variant")
+@click.argument("name")
+@click.option("--switch", "pairs", multiple=True, metavar="K=V", help="A switch; V is read as YAML (repeatable).")
+@IMPORTS
+def check_variant(name, pairs, imports):
+    """Run the variant contract (variants/contract.py) on NAME: shapes, state, chunked calls, gradients,
+    seeds, dropout, gradcheck. Exit code 1 if a check fails."""
+    _check("variant", name, _key_values(pairs, "--switch"), imports)
+
+
+@check.command("task")
+@click.argument("name")
+@click.option("--set", "pairs", multiple=True, metavar="K=V", help="A task setting; V is read as YAML (repeatable).")
+@IMPORTS
+def check_task(name, pairs, imports):
+    """Run the task contract (tasks/contract.py) on NAME: batch layout, seeds, settings, baseline.
+    Exit code 1 if a check fails."""
+    _check("task", name, _key_values(pairs, "--set"), imports)
+
+
+def _key_values(pairs, option):
+    import yaml
+
+    values = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise UserError(f"{option} {pair}: expected KEY=VALUE")
+        values[key] = yaml.safe_load(value)
+    return values
+
+
+def _check(kind, name, values, imports):
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from variants.imports import UserModuleError, import_user_modules
+
+    try:
+        import_user_modules(imports, Path.cwd())
+        if kind == "variant":
+            from variants.contract import check as contract
+        else:
+            from tasks.contract import check as contract
+        results = contract(name, **values)
+    except (UserModuleError, ValueError) as e:  # a failed import; an unknown variant or task
+        raise UserError(str(e)) from None
+    table = Table(title=f"{kind} {name}" + "".join(f" {k}={v!r}" for k, v in values.items()))
+    for column in ("check", "result", "reason"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r.name, Text("pass", "green") if r.passed else Text("FAIL", "bold red"), Text(r.reason))
+    Console().print(table)
+    failed = sum(not r.passed for r in results)
+    click.echo(f"{len(results) - failed}/{len(results)} checks passed")
+    if failed:
+        sys.exit(1)
+
+
 @cli.command()
 @click.option("--variants", "names", multiple=True, help="Variants to time (repeatable); default all.")
 @click.option("--batch", type=click.IntRange(1), default=64, show_default=True)
@@ -240,9 +448,25 @@ def list_(what):
 @click.option("--input-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=10, show_default=True)
-def bench(names, batch, hidden, seq_len, input_size, threads, repeats):
+@click.option("--population", is_flag=True,
+              help="Instead: training steps of populations of 1-32 replicates against sequential runs "
+                   "(B=64, T=100, hidden 32/64/128, --threads; more knobs: benchmarks/population.py).")
+@click.option("--device", default="cpu", show_default=True, help="With --population: cpu, cuda or auto.")
+def bench(names, batch, hidden, seq_len, input_size, threads, repeats, population, device):
     """Forward and backward milliseconds per batch of every variant, and the ratio to torch.nn.LSTM
     measured in the same run (medians after warm-up)."""
+    if population:
+        from studies.population import benchmark_population, format_population_table
+        from studies.training import device_name, resolve_device
+
+        try:
+            where = resolve_device(device)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"--device: {e}") from None
+        click.echo(f"population vs sequential: B=64 T=100 device={device_name(where)} threads={threads}")
+        rows = benchmark_population(device=str(where), threads=threads, repeats=min(repeats, 3))
+        click.echo(format_population_table(rows))
+        return
     from variants import VARIANTS
     from variants.bench import benchmark, format_table
 

@@ -64,8 +64,10 @@ def build_report(tables: tbl.Tables, out: Path, reference: str | None = None, so
             "reference": reference,
             "aggregation": stats.policy(unit, tables.objective_metric, tables.direction),
             "importance_method": tables.collection.get("importance_method"),
-            "bootstrap": {"seed": stats.BOOTSTRAP_SEED, "resamples": stats.BOOTSTRAP_RESAMPLES},
+            "interval": {"method": "Student-t interval of the mean", "level": stats.LEVEL},
+            "primary_test": "Welch's t-test, two-sided, Holm-corrected over the study",
             "alpha": stats.ALPHA,
+            "superseded_replicate_runs": int(summ.superseded.sum()) if "superseded" in summ else 0,
             "files": {f: _sha256(out / f) for f in files},
             "figures": sorted(f"figures/{fig.stem}.{fmt}" for items in figures.values()
                               for _, fig in items if isinstance(fig, Figure) for fmt in FORMATS),
@@ -74,7 +76,7 @@ def build_report(tables: tbl.Tables, out: Path, reference: str | None = None, so
     }
     (out / tbl.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
     page = html.page(tables.study, tables.collection.get("study_file", ""), summ, vs, reference, figures,
-                     manifest, tables.objective_metric, files + [tbl.MANIFEST])
+                     manifest, tables.objective_metric, tables.direction, files + [tbl.MANIFEST])
     index = out / "index.html"
     index.write_text(page)
     return index

@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from reports.stats import superseded  # noqa: E402
 from reports.tables import Tables, package_versions  # noqa: E402
 
 # Metrics each trial run logs once at the end (or at start); every other metric is a per-eval curve.
@@ -109,9 +110,11 @@ def _tag_values(runs) -> dict[str, set]:
 
 def results_table(study: str, runs, meta: dict) -> pd.DataFrame:
     """One row per trial run. Columns: study, cell, task, variant, base_variant, ladder, ladder_value,
-    <ladder name> (e.g. seq_len), kind, trial, replicate, source_trial, seed, state, objective,
-    solved_threshold (drawn when the solved criterion reads the objective), solved_rule, the hyperparameters and settings (``param.*``), the final value of every metric
-    (``metric.*``), error, optuna_study, git_commit, run_id."""
+    <ladder name> (e.g. seq_len), kind, trial, replicate, source_trial, superseded (a replicate run of a
+    search trial that is no longer its cell's best: :func:`reports.stats.superseded`), seed, state,
+    objective, solved_threshold (drawn when the solved criterion reads the objective), solved_rule, the
+    hyperparameters and settings (``param.*``), the final value of every metric (``metric.*``), error,
+    optuna_study, git_commit, run_id."""
     rows = []
     for run in runs:
         t = run.data.tags
@@ -141,6 +144,8 @@ def results_table(study: str, runs, meta: dict) -> pd.DataFrame:
                  table["param.solved.threshold"].astype(float).where(on_axis))
     for col in ("replicate", "source_trial"):
         table[col] = pd.to_numeric(table[col], errors="coerce").astype("Int64")
+    table.insert(table.columns.get_loc("source_trial") + 1, "superseded",
+                 superseded(table, meta["objective"]["direction"]))
     return table
 
 
@@ -163,10 +168,9 @@ def grads_table(client: MlflowClient, runs) -> pd.DataFrame:
         for run in runs:
             if run.data.tags.get("rnnbench.kind") != "replicate":
                 continue
-            try:
-                path = client.download_artifacts(run.info.run_id, GRAD_ARTIFACT, tmp)
-            except Exception:  # noqa: BLE001 - a failed run has no probe
-                continue
+            if GRAD_ARTIFACT not in {a.path for a in client.list_artifacts(run.info.run_id)}:
+                continue  # a failed run has no probe
+            path = client.download_artifacts(run.info.run_id, GRAD_ARTIFACT, tmp)
             grads = json.loads(Path(path).read_text())
             for phase in ("init", "trained"):
                 rows += [(run.info.run_id, phase, lag, float(v)) for lag, v in enumerate(grads.get(phase, []))]
@@ -176,9 +180,11 @@ def grads_table(client: MlflowClient, runs) -> pd.DataFrame:
 def importance_table(storage, results: pd.DataFrame) -> pd.DataFrame:
     """Per cell and searched hyperparameter: its importance over the cell's COMPLETE search trials.
 
-    Importance needs at least two complete trials and a parameter that varied; otherwise the row
-    carries a NaN and a note saying why. With a single searched parameter the normalised importance
-    is 1 by construction (the note says so).
+    Importance needs at least two complete trials; otherwise the row carries a NaN and a note saying
+    why. With a single searched parameter the normalised importance is 1 by construction (the note
+    says so). PED-ANOVA (Optuna 5.0) raises nothing for a parameter that never varied or an objective
+    that did not change: it gives them 0; when every parameter of a cell gets 0 the normalised
+    importances are NaN and the note says so. Any error it does raise is a bug and propagates.
     """
     cols = ["task", "ladder_value", "variant", "cell", "param", "importance", "raw", "n_trials", "method", "note"]
     if storage is None or results.empty:
@@ -201,16 +207,14 @@ def importance_table(storage, results: pd.DataFrame) -> pd.DataFrame:
                          "note": f"{len(done)} complete trials and {len(params)} searched hyperparameters: "
                                  "importance needs at least 2 and 1"})
             continue
-        note = "single searched hyperparameter: importance 1 by construction" if len(params) == 1 else ""
+        raw = optuna.importance.PedAnovaImportanceEvaluator().evaluate(study)
+        total = sum(raw.values())
+        if total == 0:
+            note = "PED-ANOVA gives every hyperparameter 0 (the best trials do not differ from the rest)"
+        else:
+            note = "single searched hyperparameter: importance 1 by construction" if len(params) == 1 else ""
         if len(done) < 10:
             note = "; ".join(filter(None, [note, f"only {len(done)} trials: indicative"]))
-        try:
-            evaluator = optuna.importance.PedAnovaImportanceEvaluator()
-            raw = evaluator.evaluate(study)
-            total = sum(raw.values())
-        except Exception as e:  # noqa: BLE001 - e.g. a parameter that never varied
-            rows.append({**base, "param": None, "method": "PED-ANOVA", "note": f"not computable: {e}"})
-            continue
         for p in params:
             value = raw.get(p, 0.0)
             rows.append({**base, "param": p, "importance": value / total if total > 0 else float("nan"),

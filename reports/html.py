@@ -1,5 +1,5 @@
-"""index.html: one self-describing page per study (study file, summary, statistics, figures, manifest),
-linking its figures relatively so the folder can be zipped and sent as is."""
+"""index.html: one self-describing page per study (at a glance, policy, summary, statistics, figures,
+study file, manifest), linking its figures relatively so the folder can be zipped and sent as is."""
 
 from __future__ import annotations
 
@@ -35,18 +35,50 @@ def _table(df: pd.DataFrame, row_class=None) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def interval(mean, low, high, n) -> str:
+    """'0.12 [0.1, 0.14], n = 3': a mean, its 95% t interval and n, always together."""
+    if not n or n != n:
+        return ""
+    if n == 1:
+        return f"{_num(mean)} (n = 1, no interval)"
+    return f"{_num(mean)} [{_num(low)}, {_num(high)}], n = {int(n)}"
+
+
+def _solved(k, runs) -> str:
+    return f"{int(k)}/{int(runs)}" if runs == runs else ""
+
+
+def glance_view(summ: pd.DataFrame, metric: str, direction: str) -> pd.DataFrame:
+    """Per task and ladder value, every variant best first (by mean, in the objective's direction):
+    solved k/n and the mean with its interval and n. Task and setting are written once per group."""
+    sign = 1 if direction == "minimize" else -1
+    ranked = summ.assign(_group=summ.groupby(["task", "ladder_value"], sort=False).ngroup(), _key=sign * summ["mean"])
+    ranked = ranked.sort_values(["_group", "_key"], kind="stable", na_position="last")
+    first = ~ranked._group.duplicated()
+    setting = [f"{ladder} = {value}" for ladder, value in zip(ranked.ladder, ranked.ladder_value)]
+    return pd.DataFrame({
+        "task": ranked.task.where(first, ""),
+        "setting": pd.Series(setting, index=ranked.index).where(first, ""),
+        "variant": ranked.variant,
+        "solved": [_solved(k, r) for k, r in zip(ranked.solved, ranked.runs)],
+        f"mean {metric} [95% t interval], n": [interval(*r) for r in zip(ranked["mean"], ranked.ci_low,
+                                                                        ranked.ci_high, ranked.n)]})
+
+
 def summary_view(summ: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """The summary as people read it: mean [CI], successes k/n, trial counts."""
+    """The summary as people read it: mean [interval] with n, successes k/n, trial counts."""
     view = summ[["task", "ladder_value", "variant"]].copy()
     for col in [c for c in summ.columns if c.startswith("trials_")]:
         view[col.removeprefix("trials_") + " trials"] = summ[col].fillna(0).astype(int)
-    view["best search " + metric] = summ.get("best_search")
+    view["best trial"] = summ.best_trial.astype("Int64")
+    view["best search " + metric] = summ.best_search
     if "best_lr" in summ:
         view["best lr"] = summ.best_lr
-    view["n"] = summ.n.fillna(0).astype(int)
-    view[f"mean {metric} [95% CI]"] = [f"{_num(m)} [{_num(lo)}, {_num(hi)}]" if np.isfinite(m) else ""
-                                       for m, lo, hi in zip(summ["mean"], summ.ci_low, summ.ci_high)]
-    view["solved"] = [f"{int(k)}/{int(n)}" if n == n else "" for k, n in zip(summ.solved, summ.runs)]
+    if "superseded" in summ and summ.superseded.any():
+        view["superseded replicates"] = summ.superseded
+    view[f"mean {metric} [95% t interval], n"] = [interval(*r) for r in zip(summ["mean"], summ.ci_low,
+                                                                           summ.ci_high, summ.n)]
+    view["solved"] = [_solved(k, r) for k, r in zip(summ.solved, summ.runs)]
     for col, name in (("baseline", "baseline"), ("solved_threshold", "solved threshold"),
                       ("n_params", "parameters"), ("seconds_per_step", "s/step")):
         if col in summ:
@@ -56,22 +88,35 @@ def summary_view(summ: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def stats_view(vs: pd.DataFrame) -> pd.DataFrame:
     cols = {"task": "task", "ladder_value": "ladder_value", "variant": "variant", "n": "n", "n_ref": "n ref",
-            "mean": "mean", "mean_ref": "mean ref", "diff": "diff", "better": "", "p_welch": "p Welch",
-            "p_welch_holm": "p Welch (Holm)", "p_mwu": "p MWU", "p_mwu_holm": "p MWU (Holm)",
-            "hedges_g": "Hedges g", "rank_biserial": "rank-biserial r", "success_rate": "success",
-            "success_rate_ref": "success ref"}
+            "mean": "mean", "mean_ref": "mean ref", "diff": "diff", "better": "", "t": "Welch t", "df": "df",
+            "p_welch": "p Welch", "p_welch_holm": "p Welch (Holm)", "hedges_g": "Hedges g",
+            "success_rate": "success", "success_rate_ref": "success ref"}
     view = vs[list(cols)].rename(columns=cols)
     view.insert(3, "sig.", ["*" if s else "" for s in vs.significant])
     return view
 
 
 def page(study: str, study_file: str, summ: pd.DataFrame, vs: pd.DataFrame, reference: str,
-         figures: dict[str, list[tuple[str, Figure | str]]], manifest: dict, metric: str, files: list[str]) -> str:
+         figures: dict[str, list[tuple[str, Figure | str]]], manifest: dict, metric: str, direction: str,
+         files: list[str]) -> str:
     e = html.escape
     parts = [f"<h1>rnnbench report: {e(study)}</h1>",
-             "<p>Contents: <a href='#policy'>aggregation policy</a> · <a href='#summary'>summary</a> · "
-             "<a href='#stats'>statistics</a> · <a href='#figures'>figures</a> · <a href='#study'>study file</a> · "
-             "<a href='#manifest'>manifest</a></p>"]
+             "<p>Contents: <a href='#glance'>at a glance</a> · <a href='#policy'>aggregation policy</a> · "
+             "<a href='#summary'>summary</a> · <a href='#stats'>statistics</a> · <a href='#figures'>figures</a> · "
+             "<a href='#study'>study file</a> · <a href='#manifest'>manifest</a></p>",
+             "<h2 id='glance'>At a glance</h2>"]
+    if summ.empty:
+        parts.append("<p>No trial has run yet.</p>")
+    else:
+        parts += [f"<p>Per task and setting, every variant best first by mean final {e(metric)} ({e(direction)}); "
+                  "solved: runs that met the task's solved criterion, of all runs; the mean's 95% Student-t "
+                  "interval and n, the runs it is computed from.</p>", _table(glance_view(summ, metric, direction))]
+    superseded = int(summ.superseded.sum()) if "superseded" in summ else 0
+    if superseded:
+        parts.append(f"<p><b>{superseded} replicate run{'s' if superseded > 1 else ''} superseded</b>: retrained "
+                     "from a search trial that is no longer its cell's best (the study was extended and found a "
+                     "better one), kept in results.csv with superseded = True and left out of every summary, "
+                     "statistic and figure; the summary counts them per cell.</p>")
     policy = manifest["report"]["aggregation"]
     parts += ["<h2 id='policy'>Aggregation policy</h2><dl>"]
     parts += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in policy.items()]
@@ -81,7 +126,8 @@ def page(study: str, study_file: str, summ: pd.DataFrame, vs: pd.DataFrame, refe
     else:
         parts.append(_table(summary_view(summ, metric)))
     parts += [f"<h2 id='stats'>Each variant against the reference ({e(reference)})</h2>",
-              "<p>Bold and * : significant after Holm correction (either test). diff = mean(variant) − "
+              "<p>Bold and * : significant by the primary test, Welch's t-test, after Holm correction over "
+              "every comparison of the study (the only test). diff = mean(variant) − "
               f"mean({e(reference)}); 'better'/'worse' follow the objective's direction.</p>"]
     parts.append(_table(stats_view(vs), ["sig" if s else "" for s in vs.significant]) if len(vs)
                  else "<p>No comparison: a single variant, or no aggregated runs.</p>")
@@ -94,7 +140,7 @@ def page(study: str, study_file: str, summ: pd.DataFrame, vs: pd.DataFrame, refe
                              f"<figcaption><b>{e(fig.title)}.</b> {e(fig.caption)} "
                              f'(<a href="figures/{e(fig.stem)}.svg">SVG</a>)</figcaption></figure>')
             else:
-                parts.append(f"<p><i>{e(kind)}: not drawn: {e(fig)}.</i></p>")
+                parts.append(f"<p><i>No {e(kind.replace('_', ' '))} figure: {e(fig)}.</i></p>")
     parts += ["<h2 id='study'>Study file</h2>", f"<pre>{e(study_file or '(not recorded)')}</pre>",
               "<h2 id='manifest'>Manifest</h2>",
               "<p>Data: " + " · ".join(f'<a href="{e(f)}">{e(f)}</a>' for f in files) + "</p>"]

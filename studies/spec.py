@@ -6,24 +6,36 @@ every (task settings, variant) pair is a *cell* with its own Optuna study. See R
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import itertools
 import json
 import math
+import re
+import sys
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from decimal import Decimal
+from typing import Any, Literal
 
+import torch
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from tasks import TaskSettingError, build_task, get_task_class
-from variants import check_switches, get_variant
+from tasks import TASKS, Task, TaskSettingError, build_task, get_task_class
+from studies.training import EMBED_MAX
+from variants import VARIANTS, build_variant, check_switches, get_variant, hidden_for_param_budget
+from variants.imports import UserModuleError, import_user_modules
 
 # Hyperparameters a search space may name, and the section of the study file holding their fixed value.
 MODEL_PARAMS = ("hidden_size", "num_layers", "dropout")
-TRAIN_PARAMS = ("lr", "batch_size", "grad_clip", "weight_decay")
+TRAIN_PARAMS = ("lr", "batch_size", "grad_clip", "weight_decay", "optimizer", "momentum", "nesterov")
+# A search space may also name a variant's switch: ``switches.forget_bias``. It is that name in Optuna too
+# (what the importance figure reads), and the MLflow param ``switch.forget_bias``, as for fixed switches.
+SWITCH = "switches."
 
 
 class SpecError(ValueError):
@@ -49,8 +61,11 @@ class Param(Strict):
         if self.type == "categorical":
             if not self.choices:
                 raise ValueError("categorical needs a non-empty 'choices' list")
-            if self.low is not None or self.high is not None or self.log:
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
                 raise ValueError("categorical takes 'choices' only")
+            twice = [c for i, c in enumerate(self.choices) if c in self.choices[:i]]
+            if twice:
+                raise ValueError(f"choice {twice[0]!r} appears twice")
         else:
             if self.low is None or self.high is None:
                 raise ValueError(f"{self.type} needs 'low' and 'high'")
@@ -62,18 +77,26 @@ class Param(Strict):
                 raise ValueError(f"{self.type} takes no 'choices'")
             if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
                 raise ValueError("int bounds must be whole numbers")
+            if self.step is not None:
+                self._check_step()
         return self
 
-
-def _check_space(space: dict[str, Param]) -> dict[str, Param]:
-    allowed = MODEL_PARAMS + TRAIN_PARAMS
-    for name in space:
-        if name not in allowed:
-            raise ValueError(f"unknown hyperparameter {name!r}; allowed: {', '.join(allowed)}")
-    return space
-
-
-SearchSpace = Annotated[dict[str, Param], AfterValidator(_check_space)]
+    def _check_step(self):
+        # Optuna refuses log with a step, and silently lowers a high that is not low + k * step (a warning
+        # only), so the range would not be the one written; it computes in decimals, and so do we.
+        if self.log:
+            raise ValueError("log and step cannot be combined (Optuna samples a log scale without steps)")
+        if self.step <= 0:
+            raise ValueError(f"step must be > 0 (got {self.step})")
+        if self.type == "int" and self.step != int(self.step):
+            raise ValueError(f"int step must be a whole number (got {self.step})")
+        low, high, step = (Decimal(str(x)) for x in (self.low, self.high, self.step))
+        span = high - low
+        if span % step:
+            fit = (span // step) * step + low
+            fit = int(fit) if self.type == "int" else float(fit)
+            raise ValueError(f"high - low is not a multiple of step ({self.step:g}); "
+                             f"Optuna would lower high to {fit}: write high: {fit}")
 
 
 class VariantEntry(Strict):
@@ -82,7 +105,7 @@ class VariantEntry(Strict):
     variant: str
     label: str | None = None
     switches: dict[str, Any] = Field(default_factory=dict)
-    search_space: SearchSpace = Field(default_factory=dict)  # overrides the study's, per name
+    search_space: dict[str, Param] = Field(default_factory=dict)  # overrides the study's, per name
 
     @model_validator(mode="after")
     def _check(self):
@@ -120,12 +143,20 @@ class Train(Strict):
     batch_size: int = Field(64, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"  # Greff et al. 2017 searched SGD with momentum
+    momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
+    nesterov: bool = False  # sgd only; needs momentum > 0
 
     @model_validator(mode="after")
     def _check(self):
         if self.steps is None and self.seconds is None:
             raise ValueError("give a budget: steps, seconds, or both")
         return self
+
+
+# Train fields added after studies were run: they enter a cell's fingerprint only when not at their
+# default, so a study prepared before they existed keeps its fingerprint (and stays resumable).
+_LATER_TRAIN_FIELDS = ("optimizer", "momentum", "nesterov")
 
 
 class Objective(Strict):
@@ -136,18 +167,39 @@ class Objective(Strict):
 class Spec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
+    # Python files (relative to the study file) or dotted module names imported before the rest is
+    # validated: a user's own cells and tasks (``variants.register``, ``tasks.register``).
+    imports: list[str] = Field(default_factory=list)
     seed: int = 0
     tasks: list[dict[str, Any]] = Field(min_length=1)
     variants: list[VariantEntry] = Field(min_length=1)
     model: Model = Model()
     train: Train = Train()
-    search_space: SearchSpace = Field(default_factory=dict)
+    search_space: dict[str, Param] = Field(default_factory=dict)
     trials: int = Field(8, ge=1)  # ended trials per cell
+    # Search trials are sampled in generations of this many: the trial in slot s sees exactly the trials
+    # of the generations before s // generation, so results do not depend on the number of workers.
+    generation: int = Field(4, ge=1)
     replicates: int = Field(5, ge=0)  # seeds the best configuration of each cell is retrained with
     sampler: Literal["tpe", "random", "grid", "qmc"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     objective: Objective = Objective()
     reference: str | None = None  # the variant label reports compare against; default lstm, else the first
+    # Filled by :func:`load`: each entry of ``imports`` -> (sha256 of its source, its file).
+    _imported: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)
+
+    @property
+    def imported(self) -> dict[str, str]:
+        """Each entry of ``imports``, as written, and the SHA-256 of its source ("" if it has no file)."""
+        return {entry: sha for entry, (sha, _) in self._imported.items()}
+
+    @property
+    def import_tags(self) -> dict[str, str]:
+        """``rnnbench.import.<entry>``: the SHA-256 of each imported module, as MLflow tags (the entry made a
+        valid tag name: no leading slash or '..', only letters, digits and ``_-. /``)."""
+        def key(entry):
+            return "rnnbench.import." + re.sub(r"[^\w.\- /]", "_", entry).replace("..", "__").lstrip("/")
+        return {key(entry): sha for entry, sha in self.imported.items()}
 
     @property
     def reference_label(self) -> str:
@@ -200,6 +252,15 @@ class Cell:
     def ladder_value(self):
         return dict(self.settings).get(self.ladder, getattr(get_task_class(self.task), self.ladder, None))
 
+    def switches(self, hp: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The variant's switches: the fixed ones, and those a trial drew (``hp``'s ``switches.*`` names)."""
+        drawn = {k.removeprefix(SWITCH): v for k, v in (hp or {}).items() if k.startswith(SWITCH)}
+        return {**self.variant.switches, **drawn}
+
+    def drawn(self, hp: dict[str, Any]) -> Cell:
+        """This cell with the switches a trial drew fixed in its variant entry."""
+        return dataclasses.replace(self, variant=self.variant.model_copy(update={"switches": self.switches(hp)}))
+
 
 def cells(spec: Spec) -> list[Cell]:
     """Every cell of the study, in study-file order (task entries, ladder values, variants)."""
@@ -218,8 +279,41 @@ def cell_fingerprint(spec: Spec, cell: Cell) -> str:
     """Hash of everything that determines a cell's trials (not the trial count or replicate count)."""
     payload = {"task": cell.task, "settings": cell.settings, "variant": cell.variant.model_dump(),
                "space": {k: p.model_dump() for k, p in cell.search_space},
-               **spec.model_dump(include={"seed", "model", "train", "sampler", "pruner", "objective"})}
+               **spec.model_dump(include={"seed", "model", "train", "sampler", "pruner", "objective", "generation"})}
+    for name in _LATER_TRAIN_FIELDS:
+        if payload["train"][name] == Train.model_fields[name].default:
+            del payload["train"][name]
+    imports = _cell_imports(spec, cell)
+    if imports:  # an edited cell or task is a changed cell
+        payload["imports"] = imports
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cell_imports(spec: Spec, cell: Cell) -> dict[str, str]:
+    """The imported modules a cell depends on, with their SHA-256: the one defining its variant or task;
+    and every one defining neither a variant nor a task of the study (a helper: it may touch anything).
+    So editing ``mingru.py`` changes the mingru cells only, and adding an import extends a study."""
+    if not spec._imported:
+        return {}
+    owners: dict[str, set[tuple[str, str]]] = {}  # file -> the (kind, name) of the study's cells it defines
+    for c in cells(spec):
+        for used in (("variant", c.variant.variant), ("task", c.task)):
+            file = _defined_in(*used)
+            if file:
+                owners.setdefault(file, set()).add(used)
+    mine = {("variant", cell.variant.variant), ("task", cell.task)}
+    return {entry: sha for entry, (sha, file) in spec._imported.items()
+            if file not in owners or owners[file] & mine}
+
+
+def _defined_in(kind: str, name: str) -> str | None:
+    """The source file of the class behind a variant or task name (None if unknown)."""
+    try:
+        cls = (inspect.getclosurevars(VARIANTS[name].build).nonlocals.get("cls") if kind == "variant"
+               else get_task_class(name))
+        return str(Path(inspect.getfile(cls)).resolve())
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
 
 
 def shipped(name: str) -> Path:
@@ -245,9 +339,14 @@ def _loc(loc: tuple) -> str:
 
 
 def load(path_or_name: str | Path) -> tuple[Spec, Path, str]:
-    """Parse and validate a study file. Returns (spec, path, sha256 of the file's text)."""
+    """Parse and validate a study file. Returns (spec, path, sha256 of the file's text).
+
+    Everything a trial would trip over is refused here, before anything is written: every task setting
+    and variant is built once, the objective is looked up in each task's metrics, and every value the
+    search space can draw is checked against what the model and Optuna accept.
+    """
     path = resolve(str(path_or_name))
-    text = path.read_text()
+    text = _read(path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -256,30 +355,268 @@ def load(path_or_name: str | Path) -> tuple[Spec, Path, str]:
         raise SpecError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a study file is a mapping with at least 'name', 'tasks' and 'variants'")
+    imported = _import(path, data.get("imports"))
     try:
         spec = Spec.model_validate(data)
+        spec._imported = imported
+        _check_space("search_space", spec.search_space, spec)
+        for i, v in enumerate(spec.variants):
+            _check_space(f"variants[{i}].search_space", v.search_space, spec)
+        _check_switch_space(spec)
+        _check_optimizer(spec)
+        tasks = _build_tasks(spec)
+        _check_objective(spec, tasks)
+        _check_variants(spec)
+        _check_user_variants(spec, tasks)
+        labels = [v.name for v in spec.variants]
+        if spec.reference_label not in labels:
+            raise SpecError(f"reference: {spec.reference!r} is not among the variants ({', '.join(labels)})")
     except ValidationError as e:
         err = e.errors()[0]
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
-        raise SpecError(f"{path}: {_loc(err['loc'])}: {msg}") from None
-    except ValueError as e:  # raised by registry checks inside validators
+        raise SpecError(f"{path}: {_loc(err['loc'])}: {msg}" if err["loc"] else f"{path}: {msg}") from None
+    except SpecError as e:  # from the checks above: "field: message"
         raise SpecError(f"{path}: {e}") from None
+    return spec, path, hashlib.sha256(text.encode()).hexdigest()
+
+
+def _import(path: Path, entries: Any) -> dict[str, tuple[str, str]]:
+    """Import the study file's ``imports`` (relative to its folder), so the names they register can be
+    validated; returns each entry -> (sha256 of its source, its file)."""
+    if entries is None:
+        return {}
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e.strip() for e in entries):
+        raise SpecError(f"{path}: imports: a list of Python files (relative to the study file) or dotted "
+                        f"module names, e.g. imports: [my_cell.py]")
+    out = {}
+    for entry in entries:
+        try:
+            sha = import_user_modules([entry], path.parent)[entry]
+        except UserModuleError as e:  # chained, so `rnnbench --debug` can show the module's traceback
+            raise SpecError(f"{path}: imports: {e}") from e
+        if entry.endswith(".py") or "/" in entry or "\\" in entry:
+            file = str((path.parent / entry).resolve())
+        else:
+            file = getattr(sys.modules.get(entry), "__file__", None) or ""
+            file = str(Path(file).resolve()) if file else ""
+        out[entry] = (sha, file)
+    return out
+
+
+def _read(path: Path) -> str:
+    if path.is_dir():
+        raise SpecError(f"{path}: is a directory, not a study file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
+                        f"save the study file as UTF-8") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read it ({e.strerror})") from None
+
+
+def _check_space(where: str, space: dict[str, Param], spec: Spec) -> None:
+    """Every value a search-space entry can draw must be one the study file could set directly, in
+    ``model`` or ``train`` (same type, same range), so a trial never gets a value the model refuses."""
+    allowed = MODEL_PARAMS + TRAIN_PARAMS
+    for name, p in space.items():
+        if name.startswith(SWITCH) and name != SWITCH:
+            continue  # a variant's switch: see _check_switch_space
+        if name not in allowed:
+            raise SpecError(f"{where}: unknown hyperparameter {name!r}; allowed: {', '.join(allowed)}, "
+                            f"or {SWITCH}NAME for a switch of the variants it applies to")
+        field, section = f"{where}.{name}", Model if name in MODEL_PARAMS else Train
+        annotation = section.model_fields[name].annotation
+        kind = "int" if annotation is int else "float" if annotation in (float, float | None) else None
+        if kind is None and p.type != "categorical":
+            raise SpecError(f"{field}: takes type categorical, not {p.type}")
+        if p.type not in (kind, "categorical"):
+            raise SpecError(f"{field}: takes type {kind} or categorical, not {p.type}")
+        if name == "hidden_size" and spec.model.match == "params":
+            raise SpecError(f"{field}: with match: params the hidden size is derived from model.param_budget; "
+                            f"remove hidden_size from the search space, or use match: width")
+        drawn = [("choice", c) for c in p.choices] if p.type == "categorical" else [("low", p.low), ("high", p.high)]
+        for label, value in drawn:
+            value = int(value) if p.type == "int" else value
+            try:
+                section.model_validate({name: value}, strict=True)
+            except ValidationError as e:
+                msg = e.errors()[0]["msg"]
+                raise SpecError(f"{field}: {label} {value!r} is not a valid {name} "
+                                f"({msg[0].lower()}{msg[1:]})") from None
+
+
+def _space(spec: Spec, i: int) -> dict[str, tuple[Param, str]]:
+    """Variant ``i``'s search space (the study's, overridden per name by the variant's): name -> (param,
+    the field that sets it)."""
+    v = spec.variants[i]
+    out = {name: (p, f"search_space.{name}") for name, p in spec.search_space.items()}
+    out.update({name: (p, f"variants[{i}].search_space.{name}") for name, p in v.search_space.items()})
+    return out
+
+
+def _check_switch_space(spec: Spec) -> None:
+    """A searched ``switches.NAME`` must be a switch of every variant the space applies to, not fixed in the
+    variant's entry as well, and of a type its default allows (a bool or string switch: categorical)."""
+    for i, v in enumerate(spec.variants):
+        allowed = get_variant(v.variant).switches
+        for name, (p, field) in _space(spec, i).items():
+            if not name.startswith(SWITCH):
+                continue
+            switch = name.removeprefix(SWITCH)
+            if switch not in allowed:
+                listed = ", ".join(SWITCH + k for k in sorted(allowed)) or "none"
+                raise SpecError(f"{field}: variant {v.name!r} ({v.variant}) has no switch {switch!r}; "
+                                f"searchable switches: {listed}")
+            if switch in v.switches:
+                raise SpecError(f"{field}: switch {switch!r} is also fixed in variants[{i}].switches; "
+                                f"fix it or search it, not both")
+            default = allowed[switch]
+            if isinstance(default, (bool, str)) and p.type != "categorical":
+                raise SpecError(f"{field}: switch {switch!r} is a {type(default).__name__} "
+                                f"(default {default!r}); search it as type categorical")
+
+
+def _check_optimizer(spec: Spec) -> None:
+    """``momentum`` and ``nesterov`` are SGD's; Nesterov needs momentum > 0 (torch refuses otherwise)."""
+    for i, v in enumerate(spec.variants):
+        space = _space(spec, i)
+
+        def values(name):
+            if name in space:
+                return _param_values(space[name][0]), space[name][1]
+            return [getattr(spec.train, name)], f"train.{name}"
+        optimizers, _ = values("optimizer")
+        nesterov, n_field = values("nesterov")
+        momentum, m_field = values("momentum")
+        if True in nesterov and "sgd" not in optimizers:
+            raise SpecError(f"{n_field}: Nesterov momentum is for optimizer sgd; optimizer is "
+                            f"{' or '.join(map(str, optimizers))} (variant {v.name!r})")
+        if True in nesterov and min(momentum) == 0:
+            raise SpecError(f"{n_field}: Nesterov momentum needs momentum > 0; {m_field} can be 0 "
+                            f"(variant {v.name!r})")
+        if max(momentum) > 0 and "sgd" not in optimizers:
+            raise SpecError(f"{m_field}: momentum is for optimizer sgd; optimizer is "
+                            f"{' or '.join(map(str, optimizers))} (variant {v.name!r})")
+
+
+def _build_tasks(spec: Spec) -> list[Task]:
+    """Every task setting of the study (one per ladder value), each built once: impossible settings, a value
+    repeated in a ladder and two entries with the same settings are refused (each would be a second cell
+    with one key, or one data set under two keys)."""
+    built, seen = [], {}
     for i, entry in enumerate(spec.tasks):
         if "task" not in entry:
-            raise SpecError(f"{path}: tasks[{i}]: missing 'task' (the task's name)")
+            raise SpecError(f"tasks[{i}]: missing 'task' (the task's name)")
+        name = entry["task"]
+        if not isinstance(name, str):
+            raise SpecError(f"tasks[{i}].task: must be a task name, got {name!r}; known: {', '.join(sorted(TASKS))}")
         settings = {k: v for k, v in entry.items() if k != "task"}
+        for k, v in settings.items():
+            twice = [x for j, x in enumerate(v) if x in v[:j]] if isinstance(v, list) else []
+            if twice:
+                raise SpecError(f"tasks[{i}].{k}: value {twice[0]!r} appears twice in the ladder")
         try:
-            get_task_class(entry["task"])
+            get_task_class(name)
             empty = [k for k, v in settings.items() if v == []]
             if empty:
-                raise TaskSettingError(f"{entry['task']}.{empty[0]}: a ladder needs at least one value")
+                raise TaskSettingError(f"{name}.{empty[0]}: a ladder needs at least one value")
             for combo in itertools.product(*[v if isinstance(v, list) else [v] for v in settings.values()]):
-                build_task(entry["task"], **dict(zip(settings, combo)))
+                task = build_task(name, **dict(zip(settings, combo)))
+                key = json.dumps([name, task.settings()], sort_keys=True, default=str)  # defaults filled in
+                if key in seen:
+                    described = ", ".join(f"{k}={v}" for k, v in task.settings().items())
+                    raise SpecError(f"tasks[{i}]: same task and settings as tasks[{seen[key]}] ({name}: {described}); "
+                                    f"each cell must appear once")
+                seen[key] = i
+                built.append(task)
         except TaskSettingError as e:
-            raise SpecError(f"{path}: tasks[{i}]: {e}") from None
-    labels = [v.name for v in spec.variants]
-    if spec.reference_label not in labels:
-        raise SpecError(f"{path}: reference: {spec.reference!r} is not among the variants ({', '.join(labels)})")
-    return spec, path, hashlib.sha256(text.encode()).hexdigest()
+            raise SpecError(f"tasks[{i}]: {e}") from None
+    return built
+
+
+def _check_objective(spec: Spec, tasks: list[Task]) -> None:
+    """The objective must be a metric every task reports: each task's metrics are evaluated once, on a
+    two-sequence batch with a random output, to learn their names."""
+    metric = spec.objective.metric
+    for task in tasks:
+        batch = task.sample(2, torch.Generator().manual_seed(0))
+        reported = list(task.metrics(torch.randn(*batch.x.shape[:2], task.output_size), batch))
+        if metric not in reported:
+            raise SpecError(f"objective.metric: task {task.name!r} does not report {metric!r}; "
+                            f"it reports: {', '.join(reported)}")
+
+
+def _check_variants(spec: Spec) -> None:
+    """Build each variant once with its switches at every width, depth, dropout and searched switch value
+    a trial may give it (on the meta device: no memory, no init cost), so contradictory switches or a width
+    the variant refuses (clockwork: a multiple of ``modules``) stop the study at load, not in every trial."""
+    for i, v in enumerate(spec.variants):
+        searched = [name for name in _space(spec, i) if name.startswith(SWITCH)]
+        drawn = [_drawn(spec, i, name) for name in MODEL_PARAMS + tuple(searched)]
+        for (hidden, source), (layers, _), (dropout, _), *values in itertools.product(*drawn):
+            switches = {**v.switches, **{k.removeprefix(SWITCH): x for k, (x, _) in zip(searched, values)}}
+            drew = "".join(f", {k}={x!r} from {where}" for k, (x, where) in zip(searched, values))
+            try:
+                if spec.model.match == "params":  # the width is derived per variant: one that builds
+                    hidden, source = hidden_for_param_budget(v.variant, 1, spec.model.param_budget, layers,
+                                                             **switches), "model.param_budget"
+                with warnings.catch_warnings(), torch.device("meta"):
+                    warnings.simplefilter("ignore")  # e.g. torch's note on dropout with one layer; trials show it
+                    build_variant(v.variant, 1, hidden, layers, dropout, **switches)
+            except (ValueError, TypeError) as e:
+                raise SpecError(f"variants[{i}].switches: {e} (hidden_size={hidden} from {source}, "
+                                f"num_layers={layers}, dropout={dropout}{drew})") from None
+
+
+def _check_user_variants(spec: Spec, tasks: list[Task]) -> None:
+    """Run each variant a study file imported (not a shipped one) forward and backward once, on a short
+    random batch at every input width its tasks give it, so a cell that raises stops the study at load
+    rather than failing every trial. (``rnnbench check variant`` runs the full contract.)"""
+    widths = sorted({min(t.input_size, EMBED_MAX) if t.input_kind == "tokens" else t.input_size for t in tasks})
+    for i, v in enumerate(spec.variants):
+        if _defined_in("variant", v.variant) not in {file for _, file in spec._imported.values()}:
+            continue
+        (hidden, _), (layers, _), (dropout, _) = (_drawn(spec, i, name)[0] for name in MODEL_PARAMS)
+        for width in widths:
+            try:
+                with torch.random.fork_rng(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if spec.model.match == "params":
+                        hidden = hidden_for_param_budget(v.variant, width, spec.model.param_budget, layers,
+                                                         **v.switches)
+                    rnn = build_variant(v.variant, width, hidden, layers, dropout, **v.switches)
+                    out, _ = rnn(torch.randn(2, 8, width))
+                    if tuple(out.shape) != (2, 8, hidden):
+                        raise ValueError(f"output has shape {tuple(out.shape)}, expected (2, 8, {hidden}) "
+                                         f"(batch-first: batch, time, hidden)")
+                    out.sum().backward()
+            except Exception as e:  # noqa: BLE001 - the user's code: any error is the message
+                text = str(e).strip().splitlines()
+                raise SpecError(f"variants[{i}]: variant {v.variant!r} fails on a (2, 8, {width}) batch with "
+                                f"hidden_size={hidden}: {type(e).__name__}" + (f": {text[0]}" if text else "")
+                                + f"; `rnnbench check variant {v.variant} --imports FILE` runs every check") from e
+
+
+def _drawn(spec: Spec, i: int, name: str) -> list[tuple[Any, str]]:
+    """(value, where it is set) for the values of model setting ``name`` that variant ``i``'s trials may get
+    and that settle whether all of them build: the fixed value; or every choice; or the bounds and, for an
+    int, the second value (a constraint like "a multiple of m" holds for every low + k * step when it holds
+    for the first two)."""
+    space = _space(spec, i)
+    if name not in space:
+        return [(getattr(spec.model, name), f"model.{name}")]
+    p, where = space[name]
+    return [(x, where) for x in _param_values(p)]
+
+
+def _param_values(p: Param) -> list[Any]:
+    """The values of a search-space entry that settle whether all it can draw is accepted (see _drawn)."""
+    if p.type == "categorical":
+        return list(p.choices)
+    if p.type == "float":
+        return [p.low, p.high]
+    low, high, step = int(p.low), int(p.high), int(p.step or 1)
+    return sorted({low, min(low + step, high), high})

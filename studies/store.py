@@ -15,9 +15,12 @@ Distributed: ``--storage postgresql://...`` (Optuna RDB) and ``--tracking-uri ht
 from __future__ import annotations
 
 import fcntl
-import logging
+import functools
 import importlib.util
+import inspect
+import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,72 @@ def rdb_url(url: str) -> str:
             and importlib.util.find_spec("psycopg2") is not None):
         return "postgresql+psycopg2://" + url[len("postgresql://"):]
     return url
+
+
+# How long a process waits for a database that stopped answering before it gives up (seconds).
+OUTAGE_SECONDS = float(os.environ.get("RNNBENCH_OUTAGE_SECONDS", 300))
+
+
+class StoreUnavailable(RuntimeError):
+    """The Optuna database did not answer for ``OUTAGE_SECONDS``."""
+
+
+def _connection_lost(error: BaseException) -> bool:
+    """Whether an error (or one it was raised from) says the database connection failed, as opposed to
+    a query the database refused. Optuna wraps both in StorageInternalError ("invalid data...")."""
+    while error is not None:
+        if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or \
+                getattr(error, "connection_invalidated", False):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _riding_outages(method):
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        waited, delay, said = 0.0, 0.5, False
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
+                if not _connection_lost(e):
+                    raise
+                if waited >= OUTAGE_SECONDS:
+                    raise StoreUnavailable(f"the Optuna database {self.url_for_humans} did not answer for "
+                                           f"{waited:.0f} s; the study is safe: run the same command again "
+                                           f"once it is back") from e
+                if not said:
+                    print(f"[{time.strftime('%H:%M:%S')}] the Optuna database is not answering "
+                          f"({type(e.__cause__ or e).__name__}); retrying for up to {OUTAGE_SECONDS:.0f} s",
+                          file=sys.stderr, flush=True)
+                    said = True
+                time.sleep(delay)
+                waited += delay
+                delay = min(2 * delay, 10.0)
+    return call
+
+
+class OutageTolerantRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage whose every call rides out a database outage (a restart, a lost connection):
+    it retries with backoff for up to ``OUTAGE_SECONDS``, then raises :class:`StoreUnavailable`.
+
+    A retried write whose first attempt got through before the connection died is harmless in the
+    trial protocol: a second claim of a trial fails (the trial goes RUNNING without a worker and is
+    reaped), a second ``tell`` finds the trial ended and the worker mirrors its state, a second enqueue
+    leaves a duplicate slot that ``studies.queue.claim`` closes."""
+
+    def __init__(self, url: str, **kwargs):
+        self.url_for_humans = url.split("@")[-1] if "@" in url else url  # no password in messages
+        _riding_outages(optuna.storages.RDBStorage.__init__)(self, url, **kwargs)
+
+
+# Every method that opens a session of its own, private ones included: Optuna's _CachedStorage (which
+# every Study puts in front of an RDBStorage) calls some of those.
+for _name, _member in vars(optuna.storages.RDBStorage).items():
+    if (inspect.isfunction(_member) and not _name.startswith("__")
+            and "session" not in inspect.signature(_member).parameters):
+        setattr(OutageTolerantRDBStorage, _name, _riding_outages(_member))
 
 
 class RootBusy(RuntimeError):
@@ -72,8 +141,8 @@ class Store:
             # (PostgreSQL: "duplicate key ... pg_type_typname_nsp_index"); the loser's retry finds them.
             for attempt in range(6):
                 try:
-                    return optuna.storages.RDBStorage(rdb_url(self.storage_url), engine_kwargs={"pool_pre_ping": True})
-                except sqlalchemy.exc.SQLAlchemyError:
+                    return OutageTolerantRDBStorage(rdb_url(self.storage_url), engine_kwargs={"pool_pre_ping": True})
+                except sqlalchemy.exc.SQLAlchemyError:  # connection errors were retried inside
                     if attempt == 5:
                         raise
                     time.sleep(0.5 * (attempt + 1))
@@ -120,15 +189,37 @@ class Store:
             with open(self.journal, "r+b") as f:
                 f.truncate(data.rfind(b"\n") + 1)
 
-    def lock(self) -> int:
+    def lock(self, wait_for_orphans: float = 60.0) -> int:
         """Take the root's run lock; returns its file descriptor (inherited by workers, so the lock
-        lives until the launcher and every worker are gone)."""
+        lives until the launcher and every worker are gone). The lock file names the launcher's pid:
+        if that launcher is dead, the holders are its workers, closing their trials on the way out
+        (they die with their launcher), so wait up to ``wait_for_orphans`` seconds for them."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RootBusy(f"{self.root}: another `rnnbench run` or its workers are still running here; "
-                           "wait for it, stop it, or use another --root") from None
+        path = self.root / "run.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_for_orphans
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                owner = path.read_text().strip()
+                if not (owner.isdigit() and not pid_alive(int(owner))) or time.monotonic() > deadline:
+                    os.close(fd)
+                    raise RootBusy(f"{self.root}: another `rnnbench run` or its workers are still running here"
+                                   + (f" (launcher pid {owner})" if owner.isdigit() else "")
+                                   + "; wait for it, stop it, or use another --root") from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
         return fd
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

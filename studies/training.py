@@ -1,7 +1,10 @@
 """One training run: a task, a variant wrapped into a sequence model, a budget; no Optuna, no MLflow.
 
 The engine (``studies.engine``) calls :func:`train` once per trial and turns its ``on_eval``
-callbacks into Optuna reports and MLflow metrics.
+callbacks into Optuna reports and MLflow metrics. Runs on any torch device (``device=``): the model,
+every batch and the held-out set live there, and the loop never waits for the device between
+evaluations (a non-finite loss is noted on the device and raised at the next evaluation).
+Many replicates of one configuration train together as one population: ``studies.population``.
 """
 
 from __future__ import annotations
@@ -52,6 +55,31 @@ class Divergence(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: CUDA when torch sees a GPU, else the CPU; ``"cpu"``, ``"cuda"``, ``"cuda:1"``: that device."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: torch sees no CUDA device (torch {torch.__version__})")
+    return device
+
+
+def device_name(device: str | torch.device) -> str:
+    """What to log as the run's device: ``"cpu"`` or the GPU's name (e.g. ``"NVIDIA H100 80GB HBM3"``)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    """``batch`` with every tensor on ``device`` (the same object when already there)."""
+    if batch.x.device == device:
+        return batch
+    return Batch(batch.x.to(device), batch.y.to(device), None if batch.mask is None else batch.mask.to(device))
+
+
 @dataclass
 class TrainConfig:
     lr: float = 1e-3
@@ -61,6 +89,24 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     weight_decay: float = 0.0
     max_seconds: float | None = None  # wall-clock budget; training stops at the first step past it
+    optimizer: str = "adam"           # one of OPTIMIZERS
+    momentum: float = 0.9             # sgd and nesterov only
+
+
+OPTIMIZERS = ("adam", "sgd", "nesterov", "rmsprop")
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """torch's optimizer named by ``cfg.optimizer``, with ``cfg.lr`` and ``cfg.weight_decay`` (``sgd`` and
+    ``nesterov`` with momentum ``cfg.momentum``; everything else at torch's defaults)."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer in ("sgd", "nesterov"):
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.optimizer == "nesterov")
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer {cfg.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
 
 
 @dataclass
@@ -72,24 +118,34 @@ class TrainResult:
 
 
 def train(task: Task, model: nn.Module, cfg: TrainConfig, eval_batch: Batch, seed: int,
-          on_eval: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+          on_eval: Callable[[int, dict[str, float]], None] | None = None,
+          device: str | torch.device | None = None) -> TrainResult:
     """Train ``model`` on fresh batches from ``task``; evaluate on ``eval_batch`` every ``eval_every`` steps.
 
     ``on_eval(step, metrics)`` is called after each evaluation and may raise to stop the run
-    (the engine raises ``optuna.TrialPruned``). Raises :class:`Divergence` on a non-finite loss.
+    (the engine raises ``optuna.TrialPruned``). ``device`` (default: where the model's parameters are) gets
+    the model, the batches and ``eval_batch``; the batches are drawn on the CPU from the seeded generator, so
+    every device trains on the same data. A non-finite loss raises :class:`Divergence` at the next
+    evaluation, naming the step where it first happened (no host sync per step).
     """
     torch.set_flush_denormal(True)  # subnormal floats can slow CPU recurrences ~10x
+    device = next(model.parameters()).device if device is None else resolve_device(device)
+    model.to(device)
+    eval_batch = batch_to(eval_batch, device)
     data = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model.parameters(), cfg)
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with a non-finite loss; 0: none
+    bad_loss = torch.zeros((), device=device)
     result = TrainResult(metrics={})
     start = time.perf_counter()
     step = 0
     while step < cfg.steps:
         model.train()
-        batch = task.sample(cfg.batch_size, data)
+        batch = task.sample(cfg.batch_size, data, device)
         loss = task.loss(model(batch.x), batch)
-        if not math.isfinite(loss.item()):
-            raise Divergence(f"training loss became {loss.item()} at step {step + 1}")
+        new = ~torch.isfinite(loss.detach()) & (first_bad == 0)
+        first_bad = torch.where(new, step + 1, first_bad)
+        bad_loss = torch.where(new, loss.detach(), bad_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -98,6 +154,8 @@ def train(task: Task, model: nn.Module, cfg: TrainConfig, eval_batch: Batch, see
         step += 1
         out_of_time = cfg.max_seconds is not None and time.perf_counter() - start >= cfg.max_seconds
         if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+            if first_bad.item():
+                raise Divergence(f"training loss became {bad_loss.item()} at step {first_bad.item()}")
             result.metrics = evaluate(task, model, eval_batch)
             result.history.append((step, result.metrics))
             result.steps, result.seconds = step, time.perf_counter() - start
@@ -111,6 +169,7 @@ def train(task: Task, model: nn.Module, cfg: TrainConfig, eval_batch: Batch, see
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module, batch: Batch) -> dict[str, float]:
     model.eval()
+    batch = batch_to(batch, next(model.parameters()).device)
     return task.metrics(model(batch.x), batch)
 
 
@@ -123,6 +182,7 @@ def gradient_by_lag(task: Task, model: SequenceModel, batch: Batch) -> list[floa
     (``clocked = True``, e.g. clockwork) is told the absolute step with ``t0``.
     """
     model.eval()
+    batch = batch_to(batch, next(model.parameters()).device)
     x = model.embed(batch.x) if model.embed is not None else batch.x
     rnn, state, outs, hs = model.rnn, None, [], []
     for t, x_t in enumerate(x.unbind(1)):

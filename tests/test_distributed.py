@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from conftest import TINY, free_port, rnnbench, wait_for
 from studies import spec as specs
-from studies.engine import ENDED, optuna_name
+from studies.queue import ENDED, optuna_name
 from studies.store import Store
 
 pytestmark = pytest.mark.postgres
@@ -88,10 +88,22 @@ class Postgres:
     def start(self):
         self._run("initdb", "-D", str(self.data), "-U", self.user, f"--pwfile={self.dir / 'pw'}",
                   "--auth=scram-sha-256", "-E", "UTF8", "--no-sync")
+        self._start()
+
+    def _start(self):
         options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off "
                    "-c synchronous_commit=off -c full_page_writes=off")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options, "start")
         self.started = True
+
+    def restart(self, down_seconds: float) -> float:
+        """Stop the server (closing every connection), keep it down, start it again; returns the seconds
+        it was really down."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+        down = time.monotonic()
+        time.sleep(down_seconds)
+        self._start()
+        return time.monotonic() - down
 
     def url(self, database: str, driver: str = "") -> str:
         scheme = "postgresql+" + driver if driver else "postgresql"
@@ -182,13 +194,35 @@ def start(args, log: Path, cwd: Path) -> subprocess.Popen:
         out.close()
 
 
-@pytest.mark.timeout(600)
+OUTAGE = 30  # seconds the database is down mid-study
+
+
+def wait_for_trials(storage_url: str, spec, ended: int, procs: dict, timeout: float = 240) -> None:
+    """Until ``ended`` search trials of the study have ended (fail early if a process exits)."""
+    storage = Store(Path(tempfile.mkdtemp()), storage_url).optuna_storage()
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert all(p.poll() is None for p in procs.values()), "a process exited before the outage"
+        n = 0
+        for cell in specs.cells(spec):
+            try:
+                n += sum(t.state in ENDED for t in optuna.load_study(
+                    study_name=optuna_name(spec, cell, "search"), storage=storage).get_trials(deepcopy=False))
+            except KeyError:
+                pass
+        if n >= ended:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"fewer than {ended} trials ended in {timeout} s")
+
+
+@pytest.mark.timeout(900)
 def test_launcher_and_remote_workers_share_postgres_and_a_tracking_server(postgres, tracking_server, tmp_path):
     postgres.create_database("optuna")
     storage_url = postgres.url("optuna")  # the plain URL the docs show
     tracking, artifacts = tracking_server
     spec_path = tmp_path / "tiny.yaml"
-    spec_path.write_text(TINY.replace("replicates: 2", "replicates: 1"))
+    spec_path.write_text(TINY.replace("replicates: 2", "replicates: 1").replace("steps: 40", "steps: 200"))
     spec, _, _ = specs.load(spec_path)
     cells = specs.cells(spec)
     common = ["--storage", storage_url, "--tracking-uri", tracking]
@@ -202,6 +236,11 @@ def test_launcher_and_remote_workers_share_postgres_and_a_tracking_server(postgr
         procs["launcher"] = start(["run", spec_path, "--root", tmp_path / "launcher", "--workers", 1, *common],
                                   logs["launcher"], tmp_path)
         procs["late"] = start(["worker", spec_path, "--root", tmp_path / "late", *common], logs["late"], tmp_path)
+        # Mid-study, the database goes down for 30 s (the MLflow server loses its backend too): every
+        # process must wait for it and go on.
+        wait_for_trials(storage_url, spec, ended=3, procs=procs)
+        down = postgres.restart(OUTAGE)
+        restarted = time.monotonic()
         end = time.monotonic() + 480
         for name, proc in procs.items():
             try:
@@ -214,6 +253,10 @@ def test_launcher_and_remote_workers_share_postgres_and_a_tracking_server(postgr
         for proc in procs.values():
             stop(proc)
     out = {name: log.read_text() for name, log in logs.items()}
+    print(f"\nPostgreSQL down {down:.1f} s; the study finished {time.monotonic() - restarted:.1f} s after it "
+          f"came back; processes that said they were waiting: "
+          f"{sorted(n for n, text in out.items() if 'database is not answering' in text)}")
+    assert "database is not answering" in "".join(out.values())  # the outage was seen, and ridden out
     assert "worker done" in out["early"] and "worker done" in out["late"], out
     assert "done: tiny" in out["launcher"], out["launcher"]
     assert "View run" not in "".join(out.values())  # MLflow's per-run URL lines are silenced

@@ -7,7 +7,7 @@ from optuna.trial import TrialState
 
 from conftest import rnnbench
 from studies import spec as specs
-from studies.engine import optuna_name
+from studies.queue import optuna_name
 from studies.store import Store
 
 CELLS = 6  # adding x 2 lengths + copy_memory, x 2 variants

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from conftest import rnnbench
 from studies import spec as specs
-from studies.engine import optuna_name
+from studies.queue import optuna_name
 from studies.store import Store
 
 
@@ -114,7 +114,7 @@ def test_two_workers_share_the_queue(tmp_path):
     assert len({r.data.tags["rnnbench.worker"] for r in runs}) == 2
 
 
-def test_divergence_and_errors_fail_one_trial_not_the_study(tmp_path):
+def test_divergence_fails_one_trial_not_the_study(tmp_path):
     spec_path = write_spec(tmp_path, """\
         name: broken
         tasks: [{task: adding, seq_len: 10}, {task: copy_memory, seq_len: 5, n_copy: 2}]
@@ -125,21 +125,18 @@ def test_divergence_and_errors_fail_one_trial_not_the_study(tmp_path):
         sampler: grid
         trials: 2
         replicates: 1
-        objective: {metric: recall_acc, direction: maximize}
         """)
     root = tmp_path / "runs"
     proc = rnnbench("run", spec_path, "--root", root)
     assert "failed trials" in proc.stdout
     assert_consistent(root, spec_path, "broken", trials=2)
     runs = trial_runs(root, "broken")
-    adding = [r for r in runs if r.data.tags["rnnbench.task"] == "adding"]
-    # adding reports no recall_acc: every trial fails with a message naming the metric; no replicates
-    assert len(adding) == 2 and all(r.info.status == "FAILED" for r in adding)
-    error = {r.data.params["lr"]: r.data.tags["rnnbench.error"] for r in adding}
-    assert "objective metric 'recall_acc' is not reported by task adding" in error["0.001"]
-    assert error["1e+30"].startswith("Divergence")
-    copy = [r for r in runs if r.data.tags["rnnbench.task"] == "copy_memory"]
-    assert len(copy) == 3 and all(r.info.status == "FINISHED" for r in copy)  # the study went on
+    search = [r for r in runs if r.data.tags["rnnbench.kind"] == "search"]
+    failed = [r for r in search if r.info.status == "FAILED"]
+    assert {r.data.params["lr"] for r in failed} == {"1e+30"}  # only diverging trials fail
+    assert failed and all(r.data.tags["rnnbench.error"].startswith("Divergence") for r in failed)
+    replicates = [r for r in runs if r.data.tags["rnnbench.kind"] == "replicate"]
+    assert len(replicates) == 2 and all(r.info.status == "FINISHED" for r in replicates)  # the study went on
     status = rnnbench("status", spec_path, "--root", root).stdout
     assert "copy_memory(seq_len=5,n_copy=2)/rnn" in status and "1/1" in status
 
@@ -189,13 +186,14 @@ def test_same_spec_and_seed_give_the_same_numbers(tmp_path):
 
 
 def test_reap_closes_dead_or_silent_workers_trials_only(tmp_path):
-    from studies.engine import claim, open_study, prepare, reap, top_up
+    from studies import queue
+    from studies.launcher import prepare, reap, top_up
 
     spec_path = write_spec(tmp_path, KILL)
     spec, _, _ = specs.load(spec_path)
     store = Store(tmp_path / "runs")
     storage, client = store.optuna_storage(), store.mlflow_client()
-    exp_id = prepare(spec, spec_path.read_text(), store, storage, client)
+    exp_id, _ = prepare(spec, spec_path.read_text(), store, storage, client)
     top_up(spec, storage)
     lstm, gru = specs.cells(spec)
     now = time.time()
@@ -205,16 +203,17 @@ def test_reap_closes_dead_or_silent_workers_trials_only(tmp_path):
                f"{os.uname().nodename}:{dead.pid}": (gru, now)}  # this machine, process gone
     claimed = {}
     for worker, (cell, beat) in workers.items():
-        trial = claim(open_study(spec, storage, cell, "search"))
+        study = queue.open_study(storage, optuna_name(spec, cell, "search"))
+        trial = queue.claim(study)
         run_id = client.create_run(exp_id, tags={"rnnbench.role": "trial", "rnnbench.trial": str(trial.number),
-                                                 "rnnbench.optuna_study": trial.study.study_name}).info.run_id
-        for key, value in {"worker": worker, "heartbeat": beat, "mlflow_run_id": run_id}.items():
-            trial.set_user_attr(key, value)
+                                                 "rnnbench.optuna_study": study.study_name}).info.run_id
+        queue.record(storage, queue.trial_id(trial), worker, beat)
+        queue.set_attr(storage, queue.trial_id(trial), "mlflow_run_id", run_id)
         claimed[worker] = (trial.number, cell, run_id)
 
     assert reap(spec, storage, client, exp_id, stale_after=50) == 2
     for worker, (number, cell, run_id) in claimed.items():
-        t = open_study(spec, storage, cell, "search").trials[number]
+        t = queue.open_study(storage, optuna_name(spec, cell, "search")).trials[number]
         if worker == "remote:2":
             assert t.state == TrialState.RUNNING and client.get_run(run_id).info.status == "RUNNING"
         else:
@@ -222,5 +221,120 @@ def test_reap_closes_dead_or_silent_workers_trials_only(tmp_path):
             assert client.get_run(run_id).info.status == "KILLED"
     top_up(spec, storage)  # the two interrupted trials are replaced: still exactly 3 per cell to come
     for cell in (lstm, gru):
-        ts = open_study(spec, storage, cell, "search").trials
+        ts = queue.open_study(storage, optuna_name(spec, cell, "search")).trials
         assert sum(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in ts) == 3
+        assert sorted(queue.slot(t) for t in ts if queue.holds(t)) == [0, 1, 2]  # the freed slots came back
+
+
+TPE = """\
+name: tpe
+seed: 11
+tasks: [{task: adding, seq_len: 6}]
+variants: [rnn]
+model: {hidden_size: 4}
+train: {steps: 12, eval_every: 4, eval_size: 16, batch_size: 4}
+search_space: {lr: {type: float, low: 1.0e-4, high: 1.0, log: true}}
+trials: 16
+replicates: 0
+generation: 4
+pruner: median
+"""
+
+
+def test_results_do_not_depend_on_the_number_of_workers(tmp_path):
+    """Issue case 10: 16 TPE trials (the last 4 sampled by TPE itself, after its 10 random startup
+    trials) with the median pruner give the same params, values and states with 1 and 2 workers."""
+    spec_path = write_spec(tmp_path, TPE)
+    outcomes = []
+    for workers in (1, 2):
+        root = tmp_path / f"w{workers}"
+        rnnbench("run", spec_path, "--root", root, "--workers", workers)
+        (ts,) = trials_of(root, spec_path).values()
+        outcomes.append(sorted((t.user_attrs["slot"], t.params["lr"], t.value, t.state.name) for t in ts))
+        if workers == 2:
+            assert len({r.data.tags["rnnbench.worker"] for r in trial_runs(root, "tpe")}) == 2
+    assert outcomes[0] == outcomes[1]
+    assert len({lr for _, lr, _, _ in outcomes[0]}) == 16
+
+
+def test_a_worker_with_an_edited_study_file_is_refused(tiny_study, tmp_path):
+    """Issue case 7: a remote worker given another search space must not sample into the study."""
+    edited = write_spec(tmp_path, tiny_study.spec.read_text().replace("steps: 40", "steps: 41"), "tiny.yaml")
+    proc = rnnbench("worker", edited, "--root", tiny_study.root, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "cell adding(seq_len=8)/rnn" in proc.stderr and "changed this cell's definition" in proc.stderr
+
+
+def test_a_grid_with_fewer_trials_than_points_samples_it_evenly(tmp_path):
+    """Issue case 8: 3 trials of a 3x3 grid take 3 distinct points in a seeded random order (not the
+    first row of the grid product), the same on every run."""
+    from studies.launcher import grid_point
+
+    spec_path = write_spec(tmp_path, """\
+        name: grid
+        seed: 2
+        tasks: [{task: adding, seq_len: 6}]
+        variants: [rnn]
+        model: {hidden_size: 4}
+        train: {steps: 4, eval_every: 4, eval_size: 8, batch_size: 4}
+        search_space:
+          lr: {type: categorical, choices: [0.001, 0.01, 0.1]}
+          batch_size: {type: categorical, choices: [4, 8, 16]}
+        sampler: grid
+        trials: 3
+        replicates: 0
+        """)
+    spec, _, _ = specs.load(spec_path)
+    (cell,) = specs.cells(spec)
+    points = [grid_point(spec, cell, s) for s in range(9)]
+    assert len({tuple(p.items()) for p in points}) == 9  # a permutation of the grid
+    assert {p["lr"] for p in points[:3]} != {0.001}  # not the first lr three times
+    rnnbench("run", spec_path, "--root", tmp_path / "runs")
+    (ts,) = trials_of(tmp_path / "runs", spec_path).values()
+    assert sorted((t.user_attrs["slot"], t.params["lr"], t.params["batch_size"]) for t in ts) == \
+        [(s, points[s]["lr"], points[s]["batch_size"]) for s in range(3)]
+
+
+def test_growing_a_study_gives_the_new_best_its_own_replicates(tmp_path):
+    """Issue case 6: replicates belong to one source trial. Raising `trials` until another trial is
+    best adds that trial's replicates; the old ones stay, superseded; raising `replicates` adds runs of
+    the current best only."""
+    from studies.launcher import grid_point
+
+    text = """\
+        name: grow
+        seed: {seed}
+        tasks: [{{task: adding, seq_len: 6}}]
+        variants: [gru]
+        model: {{hidden_size: 8}}
+        train: {{steps: 30, eval_every: 10, eval_size: 32, batch_size: 16}}
+        search_space: {{lr: {{type: categorical, choices: [1.0e-6, 0.05]}}}}
+        sampler: grid
+        pruner: none
+        trials: {trials}
+        replicates: {replicates}
+        """
+    seed = next(s for s in range(50) if grid_point(specs.load(write_spec(tmp_path, text.format(
+        seed=s, trials=1, replicates=2)))[0], specs.cells(specs.load(write_spec(tmp_path, text.format(
+            seed=s, trials=1, replicates=2)))[0])[0], 0)["lr"] == 1e-6)  # slot 0 gets the useless lr
+    root = tmp_path / "runs"
+    from studies import queue
+    from studies.store import Store
+
+    def state(trials, replicates):
+        spec_path = write_spec(tmp_path, text.format(seed=seed, trials=trials, replicates=replicates))
+        rnnbench("run", spec_path, "--root", root)
+        spec, _, _ = specs.load(spec_path)
+        (row,) = queue.progress(spec, Store(root).optuna_storage())
+        reps = [(queue.source(t), queue.slot(t)) for t in row.replicate_trials if queue.counted(t)]
+        return row, sorted(reps)
+
+    row, reps = state(1, 2)
+    assert row.best.number == 0 and reps == [(0, 0), (0, 1)]
+    row, reps = state(2, 2)  # lr 0.05 beats 1e-6: trial 1 is the new best and gets its own replicates
+    assert row.best.number == 1 and reps == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert row.superseded == 2 and row.replicate["counted"] == 2
+    row, reps = state(2, 3)  # one more replicate: of the current best only
+    assert reps == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    status = rnnbench("status", tmp_path / "s.yaml", "--root", root).stdout
+    assert "3/3 (+2 superseded)" in status

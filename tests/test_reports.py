@@ -71,10 +71,13 @@ def test_manifest_states_provenance_and_policy(report, tiny_study):
     assert {"torch", "optuna", "mlflow"} <= set(col["versions_of_runs"])
     assert "PED-ANOVA" in col["importance_method"]
     assert rep["reference"] == "lstm" and "replicate runs" in rep["aggregation"]["runs per cell"]
-    assert "bootstrap" in rep["aggregation"]["centre and interval"]
+    assert "Student-t" in rep["aggregation"]["centre and interval"] and "Welch" in rep["aggregation"]["primary test"]
+    assert rep["superseded_replicate_runs"] == 0 and not results.superseded.any()
     for name, digest in rep["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
-    assert len(rep["figures"]) == len(KINDS) * 2 * 2  # every kind, 2 tasks, PNG + SVG
+    # every kind for 2 tasks, PNG + SVG, except importance (only lr is searched) and copy_memory's
+    # difficulty (a single seq_len)
+    assert len(rep["figures"]) == (len(KINDS) * 2 - 3) * 2
 
 
 def test_index_page_has_study_stats_figures_and_captions(report):
@@ -82,16 +85,24 @@ def test_index_page_has_study_stats_figures_and_captions(report):
     assert str(out / "index.html") in stdout
     page = (out / "index.html").read_text()
     assert "seq_len: [8, 12]" in page  # the study file
-    assert "Welch" in page and "Holm" in page and "Hedges" in page
+    assert "Welch" in page and "Holm" in page and "Hedges" in page and "Mann-Whitney" not in page
+    assert page.index("At a glance") < page.index("Aggregation policy")
     stats = pd.read_csv(out / "statistics.csv")
     assert len(stats) == 3 and set(stats.variant) == {"rnn"} and set(stats.reference) == {"lstm"}
-    for task in ("adding", "copy_memory"):
-        for kind in ("objective", "difficulty", "learning", "importance", "lr", "cost", "gradient"):
+    summary = pd.read_csv(out / "summary.csv")
+    assert {"n", "mean", "ci_low", "ci_high"} <= set(summary) and set(summary.n) == {2}
+    assert page.count(", n = 2</td>") == 2 * len(summary)  # at a glance and the summary
+    drawn = {"adding": ("objective", "difficulty", "learning", "lr", "cost", "gradient"),
+             "copy_memory": ("objective", "learning", "lr", "cost", "gradient")}
+    for task, kinds in drawn.items():
+        for kind in kinds:
             stem = f"{kind}_{task}"
             assert f'src="figures/{stem}.png"' in page
             assert (out / "figures" / f"{stem}.png").stat().st_size > 5000
             assert (out / "figures" / f"{stem}.svg").stat().st_size > 5000
-    assert page.count("<figcaption>") == 14
+    assert page.count("<figcaption>") == 11
+    assert page.count("No importance figure: only one hyperparameter (lr) was searched") == 2
+    assert "No difficulty figure: the study has a single seq_len for copy_memory (5)" in page
 
 
 def test_report_is_logged_to_mlflow_once_and_never_as_a_trial(report, tiny_study):

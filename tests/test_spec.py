@@ -44,7 +44,8 @@ def test_minimal_spec_loads_with_defaults(tmp_path):
     (BASE + "sampler: bayes\n", "sampler", "'tpe', 'random', 'grid' or 'qmc'"),
     (BASE + "search_space: {lr: {type: float, low: 1, high: 0.1}}\n", "search_space.lr", "above high"),
     (BASE + "search_space: {lr: {type: float, low: 0, high: 0.1, log: true}}\n", "search_space.lr", "low > 0"),
-    (BASE + "search_space: {momentum: {type: float, low: 0, high: 1}}\n", "search_space", "unknown hyperparameter 'momentum'"),
+    (BASE + "search_space: {momentun: {type: float, low: 0, high: 0.9}}\n", "search_space",
+     "unknown hyperparameter 'momentun'; allowed: hidden_size, num_layers, dropout, lr, batch_size"),
     (BASE + "model: {match: params}\n", "model", "param_budget"),
     (BASE + "reference: gru\n", "reference", "not among the variants"),
     (BASE.replace("[rnn]", "[rnn, lstn]"), "variants[1]", "unknown variant 'lstn'"),
@@ -106,3 +107,220 @@ def test_fingerprint_ignores_trial_count_but_not_search_space(tmp_path):
     c, _, _ = specs.load(write(tmp_path, BASE + "search_space: {lr: {type: float, low: 0.1, high: 0.2}}\n", "c.yaml"))
     fp = [specs.cell_fingerprint(s, specs.cells(s)[0]) for s in (a, b, c)]
     assert fp[0] == fp[1] != fp[2]
+
+
+# --- refused at load, before anything runs --------------------------------------------------------------
+
+def test_unreadable_study_file_is_one_line(tmp_path):
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(b"name: t\n\xff\xfe\x00tasks: []\n")
+    for path, words in ((binary, "not UTF-8 text"), (tmp_path, "is a directory")):
+        with pytest.raises(specs.SpecError) as e:
+            specs.load(path)
+        assert str(e.value).startswith(f"{path}: ") and words in str(e.value) and "\n" not in str(e.value)
+
+
+CLOCKWORK5 = BASE.replace("[rnn]", "[rnn, {variant: clockwork, switches: {modules: 5}}]")
+
+
+@pytest.mark.parametrize("text, field, words", [
+    # task entries
+    (BASE.replace("task: adding", "task: [adding]"), "tasks[0].task", "task name"),
+    (BASE.replace("task: adding", "task: 3"), "tasks[0].task", "known: "),
+    (BASE.replace("[{task: adding, seq_len: 10}]", "[adding]"), "tasks[0]", "valid dictionary"),
+    # contradictory switches, and switches that do not fit the model's width
+    (BASE.replace("[rnn]", "[rnn, {variant: lstm, switches: {coupled: true, forget_gate: false}}]"),
+     "variants[1].switches", "coupled=True sets f = 1 - i"),
+    (BASE.replace("[rnn]", "[{variant: rnn, switches: {nonlinearity: sigmoid}}]"), "variants[0].switches",
+     "'tanh' or 'relu'"),
+    (CLOCKWORK5 + "model: {hidden_size: 32}\n", "variants[1].switches", "hidden_size=32 from model.hidden_size"),
+    (CLOCKWORK5 + "search_space: {hidden_size: {type: int, low: 20, high: 32, step: 12}}\n", "variants[1].switches",
+     "hidden_size=32 from search_space.hidden_size"),
+    (CLOCKWORK5 + "search_space: {hidden_size: {type: int, low: 20, high: 40, step: 2}}\n", "variants[1].switches",
+     "hidden_size=22 from search_space.hidden_size"),
+    (CLOCKWORK5 + "search_space: {hidden_size: {type: categorical, choices: [20, 24]}}\n", "variants[1].switches",
+     "hidden_size=24 from search_space.hidden_size"),
+    # an objective the task does not report
+    (BASE + "objective: {metric: recall_acc}\n", "objective.metric",
+     "task 'adding' does not report 'recall_acc'; it reports: loss, solved"),
+    # search-space bounds the model or Optuna refuses
+    (BASE + "search_space: {hidden_size: {type: int, low: 0, high: 8}}\n", "search_space.hidden_size", "low 0"),
+    (BASE + "search_space: {num_layers: {type: int, low: 0, high: 2}}\n", "search_space.num_layers", "low 0"),
+    (BASE + "search_space: {batch_size: {type: int, low: -4, high: 8}}\n", "search_space.batch_size", "low -4"),
+    (BASE + "search_space: {dropout: {type: float, low: 0, high: 1}}\n", "search_space.dropout", "less than 1"),
+    (BASE + "search_space: {dropout: {type: float, low: -0.1, high: 0.5}}\n", "search_space.dropout", "low -0.1"),
+    (BASE + "search_space: {lr: {type: float, low: 0, high: 0.1}}\n", "search_space.lr", "greater than 0"),
+    (BASE + "search_space: {lr: {type: float, low: 1.0e-4, high: 0.1, log: true, step: 1.0e-4}}\n",
+     "search_space.lr", "log and step"),
+    (BASE + "search_space: {batch_size: {type: categorical, choices: [8, 16], step: 8}}\n",
+     "search_space.batch_size", "choices"),
+    (BASE + "search_space: {dropout: {type: float, low: 0.0, high: 0.5, step: 0.2}}\n", "search_space.dropout",
+     "not a multiple of step"),
+    (BASE + "search_space: {hidden_size: {type: int, low: 8, high: 30, step: 8}}\n", "search_space.hidden_size",
+     "high: 24"),
+    (BASE + "search_space: {hidden_size: {type: int, low: 8, high: 32, step: 0}}\n", "search_space.hidden_size",
+     "step must be > 0"),
+    (BASE + "search_space: {hidden_size: {type: int, low: 8, high: 32, step: 2.5}}\n", "search_space.hidden_size",
+     "whole"),
+    (BASE + "search_space: {lr: {type: int, low: 1, high: 2}}\n", "search_space.lr", "type float or categorical"),
+    (BASE + "search_space: {hidden_size: {type: float, low: 8, high: 32}}\n", "search_space.hidden_size",
+     "type int or categorical"),
+    (BASE + "search_space: {batch_size: {type: categorical, choices: [0, 8]}}\n", "search_space.batch_size",
+     "choice 0"),
+    (BASE + "search_space: {batch_size: {type: categorical, choices: [8, 16.5]}}\n", "search_space.batch_size",
+     "valid integer"),
+    (BASE + "search_space: {batch_size: {type: categorical, choices: [8, 8]}}\n", "search_space.batch_size",
+     "appears twice"),
+    (BASE.replace("[rnn]", "[{variant: rnn, search_space: {lr: {type: float, low: -1, high: 1}}}]"),
+     "variants[0].search_space.lr", "low -1"),
+    (BASE + "model: {match: params, param_budget: 1000}\nsearch_space: {hidden_size: {type: int, low: 8, high: 32}}\n",
+     "search_space.hidden_size", "match: params"),
+    # one cell per key
+    (BASE.replace("seq_len: 10", "seq_len: [10, 10]"), "tasks[0].seq_len", "value 10 appears twice in the ladder"),
+    (BASE.replace("seq_len: 10", "seq_len: [10, 10.0]"), "tasks[0].seq_len", "value 10.0 appears twice"),
+    (BASE.replace("[{task: adding, seq_len: 10}]", "[{task: adding, seq_len: [5, 10]}, {task: adding, seq_len: 10}]"),
+     "tasks[1]", "same task and settings as tasks[0]"),
+    (BASE.replace("[{task: adding, seq_len: 10}]", "[{task: adding}, {task: adding, seq_len: 100}]"),
+     "tasks[1]", "same task and settings as tasks[0]"),
+])
+def test_refused_at_load(tmp_path, text, field, words):
+    message = error(tmp_path, text)
+    assert f": {field}: " in message and words in message, message
+
+
+@pytest.mark.parametrize("extra", [
+    "objective: {metric: solved, direction: maximize}\n",
+    "search_space: {dropout: {type: float, low: 0.0, high: 0.6, step: 0.2}}\n",  # decimal steps are exact
+    "search_space: {grad_clip: {type: categorical, choices: [null, 1.0]}}\n",
+    "search_space: {hidden_size: {type: int, low: 8, high: 64, log: true}}\n",
+    "model: {match: params, param_budget: 1000}\n",
+])
+def test_legal_edges_still_load(tmp_path, extra):
+    specs.load(write(tmp_path, BASE + extra))
+
+
+def test_clockwork_fits_at_every_width_it_may_get(tmp_path):
+    ok = CLOCKWORK5 + "search_space: {hidden_size: {type: int, low: 20, high: 40, step: 5}}\n"
+    specs.load(write(tmp_path, ok, "ok.yaml"))
+    params = CLOCKWORK5 + "model: {match: params, param_budget: 2000, hidden_size: 32}\n"
+    specs.load(write(tmp_path, params, "params.yaml"))  # the width is derived per variant, a multiple of 5
+
+
+def test_grid_may_take_fewer_trials_than_points(tmp_path):
+    grid = BASE + "sampler: grid\ntrials: 2\nsearch_space: {batch_size: {type: categorical, choices: [8, 16, 32]}}\n"
+    specs.load(write(tmp_path, grid))
+    assert "exceeds the 3 points" in error(tmp_path, grid.replace("trials: 2", "trials: 4"))
+
+
+def test_cli_version():
+    from click.testing import CliRunner
+
+    from rnnbench import cli
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and result.output == "rnnbench 0.1.0\n"
+
+
+@pytest.mark.parametrize("exc, code", [(RuntimeError("boom"), 1), (KeyError("boom"), 1), (IndexError("boom"), 1),
+                                       (LookupError("no study 'x'"), 2), (specs.SpecError("s.yaml: x: bad"), 2)])
+def test_cli_internal_errors_show_the_traceback(monkeypatch, exc, code):
+    from click.testing import CliRunner
+
+    from rnnbench import cli
+
+    def broken(*args, **kwargs):
+        raise exc
+    monkeypatch.setattr(specs, "load", broken)
+    result = CliRunner().invoke(cli, ["status", "quickstart"])
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    if code == 1:  # a bug: the traceback, then what to do with it
+        assert lines[0].startswith("Traceback") and "boom" in lines[-2]
+        assert lines[-1] == "rnnbench: internal error (a bug); please report it with the traceback above"
+    else:
+        assert lines == [f"error: {exc.args[0]}"]
+
+
+# --- Greff's protocol: optimizer, momentum, Nesterov; switches in the search space -----------------------
+
+def test_optimizer_momentum_and_nesterov(tmp_path):
+    spec, _, _ = specs.load(write(tmp_path, BASE + "train: {optimizer: sgd, momentum: 0.9, nesterov: true}\n"))
+    assert (spec.train.optimizer, spec.train.momentum, spec.train.nesterov) == ("sgd", 0.9, True)
+    searched = BASE + ("train: {momentum: 0.5}\nsearch_space:\n  optimizer: {type: categorical, choices: [sgd, adam]}\n"
+                       "  momentum: {type: float, low: 0.1, high: 0.99}\n")
+    spec, _, _ = specs.load(write(tmp_path, searched, "searched.yaml"))
+    assert [name for name, _ in specs.cells(spec)[0].search_space] == ["optimizer", "momentum"]
+
+
+@pytest.mark.parametrize("text, field, words", [
+    (BASE + "train: {optimizer: adamw}\n", "train.optimizer", "'adam', 'sgd' or 'rmsprop'"),
+    (BASE + "train: {nesterov: true, momentum: 0.9}\n", "train.nesterov", "for optimizer sgd; optimizer is adam"),
+    (BASE + "train: {optimizer: sgd, nesterov: true}\n", "train.nesterov", "needs momentum > 0"),
+    (BASE + "train: {momentum: 0.9}\n", "train.momentum", "for optimizer sgd"),
+    (BASE + "train: {optimizer: sgd, momentum: 1.5}\n", "train.momentum", "less than 1"),
+    (BASE + "search_space: {optimizer: {type: float, low: 0, high: 1}}\n", "search_space.optimizer",
+     "takes type categorical"),
+    (BASE + "search_space: {optimizer: {type: categorical, choices: [adam, adamw]}}\n", "search_space.optimizer",
+     "choice 'adamw' is not a valid optimizer"),
+    (BASE + "train: {optimizer: sgd}\nsearch_space: {nesterov: {type: categorical, choices: [true, false]}}\n",
+     "search_space.nesterov", "needs momentum > 0"),
+])
+def test_bad_optimizer_settings_name_the_field(tmp_path, text, field, words):
+    message = error(tmp_path, text)
+    assert f": {field}" in message and words in message, message
+
+
+LSTM_GRU = BASE.replace("[rnn]", "[lstm, gru]")
+
+
+def test_switches_are_searchable(tmp_path):
+    text = BASE.replace("[rnn]", "[lstm, peephole]") + (
+        "search_space:\n  switches.forget_bias: {type: float, low: 0, high: 5}\n"
+        "  switches.coupled: {type: categorical, choices: [true, false]}\n")
+    spec, _, _ = specs.load(write(tmp_path, text))
+    cell = specs.cells(spec)[1]
+    assert dict(cell.search_space)["switches.forget_bias"].high == 5
+    hp = {"lr": 0.01, "switches.forget_bias": 2.0, "switches.coupled": True}
+    assert cell.switches(hp) == {"forget_bias": 2.0, "coupled": True}
+    assert cell.drawn(hp).variant.switches == {"forget_bias": 2.0, "coupled": True} and cell.variant.switches == {}
+    # per variant, where only that variant has the switch
+    per_variant = LSTM_GRU.replace("[lstm, gru]", "[{variant: lstm, search_space: {switches.peephole: "
+                                   "{type: categorical, choices: [true, false]}}}, gru]")
+    spec, _, _ = specs.load(write(tmp_path, per_variant, "per_variant.yaml"))
+    assert "switches.peephole" in dict(specs.cells(spec)[0].search_space)
+    assert "switches.peephole" not in dict(specs.cells(spec)[1].search_space)
+
+
+@pytest.mark.parametrize("text, field, words", [
+    (LSTM_GRU + "search_space: {switches.forget_bias: {type: float, low: 0, high: 5}}\n",
+     "search_space.switches.forget_bias", "variant 'gru' (gru) has no switch 'forget_bias'; "
+                                          "searchable switches: switches.reset_after"),
+    (BASE + "search_space: {switches.peephole: {type: float, low: 0, high: 1}}\n", "search_space.switches.peephole",
+     "variant 'rnn' (rnn) has no switch 'peephole'; searchable switches: switches.identity_init, "
+     "switches.nonlinearity"),
+    (BASE.replace("[rnn]", "[lstm]") + "search_space: {switches.peephole: {type: float, low: 0, high: 1}}\n",
+     "search_space.switches.peephole", "is a bool (default False); search it as type categorical"),
+    (BASE.replace("[rnn]", "[{variant: lstm, switches: {forget_bias: 1.0}}]")
+     + "search_space: {switches.forget_bias: {type: float, low: 0, high: 5}}\n", "search_space.switches.forget_bias",
+     "also fixed in variants[0].switches"),
+    # a drawn value the variant refuses: caught at load by building it
+    (BASE.replace("[rnn]", "[nfg]") + "search_space: {switches.forget_bias: {type: float, low: 0, high: 5}}\n",
+     "variants[0].switches", "forget_bias=5.0 from search_space.switches.forget_bias"),
+    (BASE.replace("[rnn]", "[{variant: clockwork, search_space: {switches.modules: {type: int, low: 3, high: 4}}}]")
+     + "model: {hidden_size: 8}\n", "variants[0].switches", "switches.modules=3"),
+    (BASE + "search_space: {switches.: {type: float, low: 0, high: 1}}\n", "search_space",
+     "unknown hyperparameter 'switches.'"),
+])
+def test_bad_switch_search_names_the_field(tmp_path, text, field, words):
+    message = error(tmp_path, text)
+    assert f": {field}" in message and words in message, message
+
+
+def test_new_train_fields_keep_old_fingerprints(tmp_path):
+    # The quickstart's fingerprints before optimizer/momentum/nesterov existed: a study prepared then resumes.
+    spec, _, _ = specs.load("quickstart")
+    assert [specs.cell_fingerprint(spec, c) for c in specs.cells(spec)] == [
+        "65645f410bc94efb", "ad4c03fe6e46e4e1", "d7dc6f68de26c185", "13bedcd29819e1d0", "1ecab9157f203177",
+        "765a984482b4ebc4"]
+    a, _, _ = specs.load(write(tmp_path, BASE, "a.yaml"))
+    b, _, _ = specs.load(write(tmp_path, BASE + "train: {optimizer: rmsprop}\n", "b.yaml"))
+    assert specs.cell_fingerprint(a, specs.cells(a)[0]) != specs.cell_fingerprint(b, specs.cells(b)[0])

@@ -1,11 +1,11 @@
-"""Fast task tests: exact formats, baselines against a memoryless predictor, knobs, seeds, settings.
+"""Fast task tests: the task rules (tasks/contract.py: layout, seeds, knobs, settings, baselines against
+memoryless predictors) for every task, and what is particular to each: exact formats, baseline formulas.
 
 Training runs live in ``test_tasks_sanity.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import subprocess
@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks import TASKS, Batch, TaskSettingError, build_task, task_fields
+from tasks import TASKS, Batch, TaskSettingError, build_task
+from tasks.contract import assert_contract, same
 from tasks.embedded_reber import SYMBOLS, EmbeddedReber
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +25,7 @@ ALL = sorted(TASKS)
 EXPECTED = {"copy_memory", "adding", "adding_1997", "temporal_order", "embedded_reber", "selective_copy",
             "associative_recall"}
 
-# Small settings per task, and for every knob another valid value. A new knob without an entry here
-# fails test_every_knob_changes_the_data: declare what it should change.
+# Small settings per task: the contract runs at these (and at CONTRACT_CASES below).
 SMALL = {
     "copy_memory": dict(seq_len=10, n_copy=3, n_symbols=4),
     "adding": dict(seq_len=20),
@@ -34,17 +34,6 @@ SMALL = {
     "embedded_reber": dict(p_loop=0.5),
     "selective_copy": dict(seq_len=16, n_copy=2, vocab=6),
     "associative_recall": dict(seq_len=16, n_pairs=2, n_queries=2, vocab=16, power_a=0.01),
-}
-OTHER = {
-    ("copy_memory", "seq_len"): 12, ("copy_memory", "n_copy"): 4, ("copy_memory", "n_symbols"): 6,
-    ("adding", "seq_len"): 30,
-    ("adding_1997", "seq_len"): 40,
-    ("temporal_order", "seq_len"): 40, ("temporal_order", "n_relevant"): 3,
-    ("embedded_reber", "p_loop"): 0.8,
-    ("selective_copy", "seq_len"): 20, ("selective_copy", "n_copy"): 3, ("selective_copy", "vocab"): 8,
-    ("associative_recall", "seq_len"): 24, ("associative_recall", "n_pairs"): 3,
-    ("associative_recall", "n_queries"): 1, ("associative_recall", "vocab"): 24,
-    ("associative_recall", "power_a"): 1.0,
 }
 SEEDS = range(20)
 
@@ -62,13 +51,7 @@ def batches(task, size=64, seeds=SEEDS):
         yield task.sample(size, gen(s))
 
 
-def same(a: Batch, b: Batch) -> bool:
-    pairs = [(a.x, b.x), (a.y, b.y), (a.mask, b.mask)]
-    return all((p is None and q is None) or (p is not None and q is not None and p.shape == q.shape
-                                             and torch.equal(p, q)) for p, q in pairs)
-
-
-# --- registry and contract -----------------------------------------------------------------------
+# --- registry and the task rules -----------------------------------------------------------------------
 
 def test_every_task_is_registered():
     assert EXPECTED <= set(TASKS)
@@ -76,52 +59,31 @@ def test_every_task_is_registered():
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_task_states_its_contract(name):
+def test_docstring_defines_baseline_and_solved(name):
     cls = TASKS[name]
-    assert cls.input_kind in ("tokens", "real") and cls.output_kind in ("classes", "real")
-    assert cls.readout in ("all", "last", "mask")
-    assert cls.ladder in task_fields(name)
-    assert cls.description and cls.paper
     doc = sys.modules[cls.__module__].__doc__
     assert re.search(r"baseline", doc, re.I) and re.search(r"solved", doc, re.I)
-    default = cls()  # the defaults are valid settings
-    assert default.baseline > 0
+    assert cls().baseline > 0  # the defaults are valid settings
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_batch_layout_matches_the_declared_kinds(name):
-    task = small(name)
-    b = task.sample(8, gen(0))
-    B, T = b.x.shape[:2]
-    if task.input_kind == "tokens":
-        assert b.x.dtype == torch.long and b.x.dim() == 2
-        assert 0 <= b.x.min() and b.x.max() < task.input_size
-    else:
-        assert b.x.dtype == torch.float32 and b.x.shape == (B, T, task.input_size)
-    tail = () if task.output_kind == "classes" else (task.output_size,)
-    expect = {"all": (B, T), "mask": (B, T), "last": (B,)}[task.readout] + tail
-    assert b.y.shape == expect
-    assert (b.mask is not None) == (task.readout == "mask")
-    if b.mask is not None:
-        assert b.mask.dtype == torch.bool and b.mask.shape == (B, T) and b.mask.any(1).all()
-    if task.output_kind == "classes":
-        assert b.y.dtype == torch.long and 0 <= b.y.min() and b.y.max() < task.output_size
-    out = torch.randn(B, T, task.output_size)
-    metrics = task.metrics(out, b)
-    assert {"loss", "solved"} <= set(metrics) and all(math.isfinite(v) for v in metrics.values())
+# Settings whose baseline formula differs from SMALL's: each is checked against memoryless predictors.
+CONTRACT_CASES = [(name, SMALL[name]) for name in ALL] + [
+    ("copy_memory", dict(seq_len=30, n_copy=5, n_symbols=6)),
+    ("adding_1997", dict(seq_len=100)),
+    ("temporal_order", dict(seq_len=20, n_relevant=3)),
+    ("embedded_reber", dict(p_loop=0.9)),
+    ("selective_copy", dict(seq_len=16, n_copy=2, vocab=10)),
+]
 
 
-# --- seeds and knobs -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,settings", CONTRACT_CASES,
+                         ids=[f"{n}-" + "-".join(f"{k}={v}" for k, v in s.items()) for n, s in CONTRACT_CASES])
+def test_contract(name, settings):
+    """Layout, seeds, every knob changes the data, wrong types refused, baseline = best memoryless loss."""
+    assert_contract(name, **settings)
 
-@pytest.mark.parametrize("name", ALL)
-def test_same_seed_same_data_other_seed_other_data(name):
-    task = small(name)
-    assert same(task.sample(32, gen(5)), task.sample(32, gen(5)))
-    assert not same(task.sample(32, gen(5)), task.sample(32, gen(6)))
-    assert same(task.eval_batch(32, seed=0), task.eval_batch(32, seed=0))
-    assert not same(task.eval_batch(32, seed=0), task.eval_batch(32, seed=1))
-    assert not same(task.eval_batch(32, seed=0), task.sample(32, gen(0)))
 
+# --- seeds and settings -----------------------------------------------------------------------------
 
 def test_eval_batch_is_the_same_in_a_fresh_interpreter():
     code = ("import torch; from tasks import build_task; "
@@ -139,28 +101,7 @@ def test_int_and_float_spellings_of_a_real_knob_are_one_setting():
     assert same(a.eval_batch(16, seed=0), b.eval_batch(16, seed=0))
 
 
-KNOBS = [(name, f) for name in ALL for f in task_fields(name)]
-
-
-@pytest.mark.parametrize("name,field", KNOBS, ids=[f"{n}.{f}" for n, f in KNOBS])
-def test_every_knob_changes_the_data(name, field):
-    if (name, field) not in OTHER:
-        pytest.fail(f"{name}.{field} is a new knob: add another valid value to OTHER")
-    base, changed = small(name), small(name, **{field: OTHER[(name, field)]})
-    assert not same(base.sample(32, gen(0)), changed.sample(32, gen(0)))
-    assert not same(base.eval_batch(32, seed=0), changed.eval_batch(32, seed=0))
-
-
-# --- settings that cannot work ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name,field", KNOBS, ids=[f"{n}.{f}" for n, f in KNOBS])
-def test_wrong_types_are_rejected_naming_the_field(name, field):
-    default = next(f.default for f in dataclasses.fields(TASKS[name]) if f.name == field)
-    bad = {int: [True, 2.5, "3"], float: [True, "0.5", None]}[type(default)]
-    for value in bad:
-        with pytest.raises(TaskSettingError, match=re.escape(f"{name}.{field}")):
-            small(name, **{field: value})
-
+# --- settings that cannot work (wrong types and unknown settings: the contract) -------------------------
 
 IMPOSSIBLE = [
     ("copy_memory", dict(seq_len=0), "seq_len"),
@@ -197,11 +138,6 @@ def test_boundary_settings_are_accepted():
     small("selective_copy", n_copy=16)  # no noise at all: plain copying
     small("associative_recall", seq_len=8)  # 2 pairs + 2 queries exactly fill 8 steps
     small("associative_recall", vocab=6, n_pairs=2, n_queries=2)  # keys 1, 2; values 3, 4, 5
-
-
-def test_unknown_setting_is_rejected():
-    with pytest.raises(TaskSettingError, match="has no setting 'seqlen'"):
-        build_task("temporal_order", seqlen=10)
 
 
 # --- exact formats -----------------------------------------------------------------------------------
@@ -409,91 +345,24 @@ def test_associative_recall_queries_a_uniform_subset_of_pairs():
     assert (freq - 0.25).abs().max() < 0.02
 
 
-# --- baselines: the stated value equals the loss of the memoryless predictor on a large sample ------
+# --- baselines: the formulas' values (test_contract checks each against memoryless predictors) ---------
 
-def conditional_logits(current: torch.Tensor, target: torch.Tensor, n_in: int, n_out: int) -> torch.Tensor:
-    """log P(target | current input), estimated by counting; one row per input symbol."""
-    counts = torch.zeros(n_in, n_out, dtype=torch.float64)
-    counts.index_put_((current, target), torch.ones(len(target), dtype=torch.float64), accumulate=True)
-    return (counts / counts.sum(1, keepdim=True).clamp_min(1)).clamp_min(1e-30).log().float()
-
-
-def memoryless_classes(task, b: Batch) -> torch.Tensor:
-    """The best predictor that sees only the current input token, fitted on the scored steps of ``b``."""
-    table = conditional_logits(b.x[b.mask], b.y[b.mask], task.input_size, task.output_size)
-    return table[b.x]
-
-
-def test_copy_memory_baseline():
-    task = small("copy_memory", seq_len=30, n_copy=5, n_symbols=6)
-    b = task.sample(4096, gen(0))
-    out = torch.full((4096, 40, 8), -30.0)
-    out[:, :35, 0] = 0.0  # blank where a blank is certain
-    out[:, 35:, 1:7] = 0.0  # uniform over the data symbols at the recall steps
-    assert abs(task.loss(out, b).item() - task.baseline) < 1e-5
-    assert abs(task.baseline - 5 * math.log(6) / 40) < 1e-12
-    assert abs(build_task("copy_memory").baseline - 0.1733) < 1e-4
-
-
-def test_adding_baseline():
-    task = small("adding")
-    b = task.sample(200_000, gen(0))
-    out = torch.ones(200_000, 20, 1)
-    assert abs(task.loss(out, b).item() - 1 / 6) < 0.003
-
-
-@pytest.mark.parametrize("T", [20, 100])
-def test_adding_1997_baseline(T):
-    task = small("adding_1997", seq_len=T)
-    b = task.sample(100_000, gen(0))
-    out = torch.full(b.y.shape, 0.5)
-    empirical = task.loss(out, b).item()
-    assert abs(empirical - task.baseline) < 0.01 * task.baseline
-    assert abs(empirical - 1 / 24) > 0.03 * task.baseline  # the first-pair rule is visible
-    if T == 100:
-        assert abs(task.baseline - 0.039201) < 1e-6
-
-
-@pytest.mark.parametrize("n_relevant", [2, 3])
-def test_temporal_order_baseline(n_relevant):
-    task = small("temporal_order", n_relevant=n_relevant)
-    b = task.sample(50_000, gen(0))
-    # the memoryless predictor sees only the last input (always B): its best output is the class frequencies
-    freq = torch.bincount(b.y[b.mask], minlength=task.output_size).double() / 50_000
-    out = freq.log().float().expand(50_000, b.x.shape[1], -1)
-    assert abs(task.loss(out, b).item() - task.baseline) < 0.005
-    assert task.baseline == pytest.approx(n_relevant * math.log(2))
-
-
-@pytest.mark.parametrize("p_loop", [0.5, 0.9])
-def test_embedded_reber_baseline(p_loop):
-    task = small("embedded_reber", p_loop=p_loop)
-    b = task.sample(10_000, gen(0))  # ~120k (p_loop 0.5) to ~240k (0.9) scored steps
-    empirical = task.loss(memoryless_classes(task, b), b).item()
-    assert abs(empirical - task.baseline) < 0.01
-    assert abs(task.mean_length - ((b.mask.sum(1) + 1).double().mean().item())) < 0.02 * task.mean_length
-
-
-def test_embedded_reber_baseline_values():
+def test_baseline_values():
+    assert small("copy_memory", seq_len=30, n_copy=5, n_symbols=6).baseline == pytest.approx(5 * math.log(6) / 40)
+    assert build_task("copy_memory").baseline == pytest.approx(0.1733, abs=1e-4)
+    assert small("adding").baseline == 1 / 6
+    baseline_1997 = small("adding_1997", seq_len=100).baseline
+    assert baseline_1997 == pytest.approx(0.039201, abs=1e-6)
+    assert abs(baseline_1997 - 1 / 24) > 0.03 * baseline_1997  # the first-pair rule shows, beyond the tolerance
+    for n_relevant in (2, 3):
+        assert small("temporal_order", n_relevant=n_relevant).baseline == pytest.approx(n_relevant * math.log(2))
     assert EmbeddedReber(p_loop=0.5).baseline == pytest.approx(1.2718, abs=1e-4)
     assert EmbeddedReber(p_loop=0.5).mean_length == pytest.approx(12.0)
+    assert small("selective_copy", vocab=10).baseline == pytest.approx(math.log(8))
+    assert small("associative_recall", vocab=16).baseline == pytest.approx(math.log(8))
 
 
-def test_selective_copy_baseline():
-    task = small("selective_copy", vocab=10)
-    b = task.sample(50_000, gen(0))
-    empirical = task.loss(memoryless_classes(task, b), b).item()  # input at read steps: always the marker
-    assert abs(empirical - task.baseline) < 0.005 and task.baseline == pytest.approx(math.log(8))
-
-
-def test_associative_recall_baseline():
-    task = small("associative_recall", vocab=16)
-    b = task.sample(100_000, gen(0))
-    empirical = task.loss(memoryless_classes(task, b), b).item()  # sees the query key, not the pairs
-    assert abs(empirical - task.baseline) < 0.005 and task.baseline == pytest.approx(math.log(8))
-
-
-# --- solved(): an oracle solves, the memoryless predictor does not ------------------------------------
+# --- solved(): an oracle solves (that the memoryless predictor does not: test_contract) -----------------
 
 def oracle(task, b: Batch) -> torch.Tensor:
     B, T = b.x.shape[:2]
@@ -507,21 +376,10 @@ def oracle(task, b: Batch) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_oracle_solves_and_memoryless_does_not(name):
+def test_oracle_solves(name):
     task = small(name)
     b = task.eval_batch(256, seed=0)
     good = task.metrics(oracle(task, b), b)
     assert good["solved"] == 1.0
     if name != "embedded_reber":  # there the oracle still pays the grammar's own randomness
         assert good["loss"] < 0.01 * task.baseline
-    B, T = b.x.shape[:2]
-    if task.output_kind == "real":  # predict the mean target
-        _, target = task.select(torch.zeros(B, T, 1), b)
-        out = torch.full((B, T, 1), target.mean().item())
-    elif name == "copy_memory":
-        out = torch.zeros(B, T, task.output_size)
-        out[:, :-task.n_copy, 0] = 30.0
-    else:
-        out = memoryless_classes(task, b)
-    bad = task.metrics(out, b)
-    assert bad["solved"] == 0.0 and bad["loss"] > 0.9 * task.baseline

@@ -78,3 +78,78 @@ def test_token_tasks_get_an_embedding_and_real_tasks_do_not():
     assert SequenceModel(adding, "gru", 8).embed is None
     out = SequenceModel(copy, "gru", 8)(copy.eval_batch(3, 0).x)
     assert out.shape == (3, 5 + 2 * 10, copy.output_size)
+
+
+# --- devices -----------------------------------------------------------------------------------------------
+
+from studies.training import batch_to, device_name, resolve_device  # noqa: E402
+from variants import VARIANTS, build_variant  # noqa: E402
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_resolve_device_and_its_name():
+    assert resolve_device("cpu") == torch.device("cpu") and device_name("cpu") == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_divergence_is_raised_at_the_evaluation_naming_the_first_bad_step():
+    task = build_task("adding", seq_len=10)
+    torch.manual_seed(0)
+    model = SequenceModel(task, "peephole", 8)
+    seen = []
+    with pytest.raises(Divergence, match=r"became (nan|inf) at step \d+$"):
+        train(task, model, TrainConfig(lr=1e30, steps=20, eval_every=10, batch_size=8, grad_clip=None),
+              task.eval_batch(16, 0), seed=1, on_eval=lambda step, m: seen.append(step), device="cpu")
+    assert seen == []  # the window with the bad step is never reported as an evaluation
+
+
+def _variant_outputs_and_grads(name, device, num_layers):
+    torch.manual_seed(0)
+    m = build_variant(name, 5, 8, num_layers).to(device)
+    x = torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
+    out, state = m(x)
+    h = state[0] if isinstance(state, tuple) else state
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    ((out * w).sum() + h.square().sum()).backward()
+    return [t.detach().cpu() for t in (out, h, x.grad, *(p.grad for p in m.parameters()))]
+
+
+@CUDA
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_variant_on_cuda_matches_cpu(name, num_layers):
+    for got, want in zip(_variant_outputs_and_grads(name, "cuda", num_layers),
+                         _variant_outputs_and_grads(name, "cpu", num_layers)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@CUDA
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn"])
+def test_native_weights_stay_flat_on_cuda(name):
+    import warnings
+    m = build_variant(name, 5, 8, 2).cuda()
+    assert len({p.untyped_storage().data_ptr() for p in m.parameters()}) == 1  # one cuDNN buffer
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*contiguous chunk of memory.*")  # cuDNN repacking per call
+        m(torch.randn(3, 7, 5, device="cuda"))[0].sum().backward()
+
+
+@CUDA
+@pytest.mark.parametrize("variant", ["lstm", "peephole", "gru_cho", "clockwork", "depth_gated"])
+def test_training_on_cuda_matches_cpu(variant):
+    task = build_task("copy_memory", seq_len=5, n_copy=2)
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(3)
+        model = SequenceModel(task, variant, 8)
+        results.append(train(task, model, TrainConfig(lr=1e-2, steps=10, eval_every=5, batch_size=8),
+                             task.eval_batch(32, 0), seed=4, device=device))
+        probe = batch_to(task.eval_batch(4, 1), torch.device(device))
+        results[-1].grads = gradient_by_lag(task, model, probe)
+    cpu, cuda = results
+    assert cuda.metrics["loss"] == pytest.approx(cpu.metrics["loss"], rel=1e-3)
+    assert cuda.grads == pytest.approx(cpu.grads, rel=1e-3, abs=1e-6)

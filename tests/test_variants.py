@@ -16,6 +16,7 @@ from torch import nn
 from variants import (VARIANTS, build_variant, check_switches, count_parameters, get_variant,
                       hidden_for_param_budget)
 from variants.bench import benchmark, format_table
+from variants.contract import assert_contract
 
 torch.set_flush_denormal(True)
 ATOL, RTOL = 2e-5, 1e-4
@@ -30,10 +31,6 @@ def _state_like(m, batch, make):
     if isinstance(st, tuple):
         return tuple(make(s.shape, dtype) for s in st)
     return make(st.shape, dtype)
-
-
-def zeros_state(m, batch):
-    return _state_like(m, batch, lambda shape, dtype: torch.zeros(shape, dtype=dtype))
 
 
 def random_state(m, batch):
@@ -240,25 +237,6 @@ def test_loop_matches_equations(case):
     assert_close_all(grads(m, x, out, st), grads(m, x, ref_out, ref_st))
 
 
-@pytest.mark.parametrize("case", [c for c in EQUATION_CASES if c[0] not in ("lstm", "gru") or c[1]],
-                         ids=case_id)
-def test_gradcheck_float64(case):
-    name, switches = case
-    torch.manual_seed(0)
-    hidden = 4 if name == "clockwork" else 2
-    m = build_variant(name, 2, hidden, num_layers=2, **switches).double()
-    names = [n for n, _ in m.named_parameters()]
-    x = torch.randn(2, 4, 2, dtype=torch.float64, requires_grad=True)
-    state = [s.requires_grad_() for s in flat(random_state(m, 2))]
-
-    def f(x, *tensors):
-        st = tuple(tensors[:len(state)]) if len(state) > 1 else tensors[0]
-        out, new = torch.func.functional_call(m, dict(zip(names, tensors[len(state):])), (x, st))
-        return out, *flat(new)
-
-    assert torch.autograd.gradcheck(f, (x, *state, *m.parameters()))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The native variants agree with torch's modules; the lstm/gru loops agree with them too.
 # ---------------------------------------------------------------------------------------------------------
@@ -280,11 +258,14 @@ def test_matches_torch_module(name, torch_cls, switches, native, layers):
     assert getattr(m, "native", True) == native
     x = torch.randn(5, 7, 3, requires_grad=True)
     state = random_state(m, 5)
+    for s in flat(state):
+        s.requires_grad_()
     out, st = m(x, state)
     ref_out, ref_st = ref(x, state)
     assert_close_all([out, *flat(st)], [ref_out, *flat(ref_st)])
-    assert_close_all(torch.autograd.grad(loss_of(out, st), [x, *m.parameters()]),
-                     torch.autograd.grad(loss_of(ref_out, ref_st), [x, *ref.parameters()]))
+    # with the initial state's gradient, this proves the loops compose across calls as nn.LSTM/GRU do
+    assert_close_all(torch.autograd.grad(loss_of(out, st), [x, *flat(state), *m.parameters()]),
+                     torch.autograd.grad(loss_of(ref_out, ref_st), [x, *flat(state), *ref.parameters()]))
 
 
 def test_peephole_with_zero_peepholes_is_torch_lstm():
@@ -512,77 +493,17 @@ def test_parameter_count_relations():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The common interface, for every registered variant.
+# The common interface (variants/contract.py: shapes, state, chunked calls, gradients, seeds, dropout,
+# gradcheck), for every registered variant at its defaults and for every switch case above.
 # ---------------------------------------------------------------------------------------------------------
 
-ALL = sorted(VARIANTS)
+CONTRACT_CASES = [(name, {}) for name in sorted(VARIANTS)] + [c for c in EQUATION_CASES if c[1]]
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_batch_first_layout(name):
-    torch.manual_seed(0)
-    m = build_variant(name, 3, 8, num_layers=2)
-    x = torch.randn(4, 10, 3)
-    out, st = m(x)
-    assert out.shape == (4, 10, 8)
-    widths = [8, 8, 3 * 8] if name == "fgr" else [8, 8]  # h (c) (fgr: a, the 3 sigmoid gates' activations)
-    assert [s.shape for s in flat(st)] == [(2, 4, w) for w in widths[:len(flat(st))]]
-    perm = torch.tensor([2, 0, 3, 1])
-    out_p, st_p = m(x[perm])  # batch is dim 0: permuting it permutes the results and nothing else
-    torch.testing.assert_close(out_p, out[perm])
-    for a, b in zip(flat(st_p), flat(st)):
-        torch.testing.assert_close(a, b[:, perm])
-    x2 = x.clone()
-    x2[:, 6] += 1.0  # time is dim 1: a change at step 6 leaves steps 0..5 alone and reaches step 6
-    out2, _ = m(x2)
-    assert torch.equal(out2[:, :6], out[:, :6])
-    assert not torch.allclose(out2[:, 6], out[:, 6])
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_initial_state_is_honoured(name):
-    torch.manual_seed(0)
-    m = build_variant(name, 3, 8, num_layers=2)
-    x = torch.randn(2, 8, 3)
-    out0, _ = m(x)
-    out_z, _ = m(x, zeros_state(m, 2))
-    torch.testing.assert_close(out0, out_z)
-    out_s, _ = m(x, random_state(m, 2))
-    assert not torch.allclose(out0, out_s, atol=1e-4)
-
-
-def run_in_chunks(m, x, state, bounds):
-    """m over x in the chunks [bounds[i], bounds[i+1]), each call given the last one's state (and its first
-    step's absolute index t0, for a clocked variant)."""
-    outs = []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        kwargs = {"t0": start} if getattr(m, "clocked", False) else {}
-        out, state = m(x[:, start:stop], state, **kwargs)
-        outs.append(out)
-    return torch.cat(outs, 1), state
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_calls_compose(name):
-    """Running x[:, :k] then x[:, k:] from the returned state equals one run over x, for any k (T = 13 covers
-    clockwork's slowest default period, 8, and splits off its cycle); a step-by-step unroll equals one run
-    in outputs, final state and the gradients of input, initial state and parameters."""
-    torch.manual_seed(0)
-    m = build_variant(name, 3, 8, num_layers=2)
-    if getattr(m, "native", False):
-        m.native = False  # the fused kernels compose by torch's word; prove the loops do
-    T = 13
-    x = torch.randn(2, T, 3, requires_grad=True)
-    state = tuple(s.requires_grad_() for s in flat(random_state(m, 2)))
-    state = state if len(state) > 1 else state[0]
-    whole = m(x, state)
-    for bounds in ([0, 1, T], [0, 4, T], [0, 8, T], [0, 11, T], [0, T - 1, T], [0, 3, 5, 12, T]):
-        out, st = run_in_chunks(m, x, state, bounds)
-        assert_close_all([out, *flat(st)], [whole[0], *flat(whole[1])])
-    out, st = run_in_chunks(m, x, state, list(range(T + 1)))  # one step per call
-    assert_close_all([out, *flat(st)], [whole[0], *flat(whole[1])])
-    wrt = [x, *flat(state), *m.parameters()]
-    assert_close_all(torch.autograd.grad(loss_of(out, st), wrt), torch.autograd.grad(loss_of(*whole), wrt))
+@pytest.mark.parametrize("case", CONTRACT_CASES, ids=case_id)
+def test_contract(case):
+    name, switches = case
+    assert_contract(name, **switches)
 
 
 def test_clockwork_t0_is_the_absolute_step():
@@ -611,28 +532,6 @@ def test_clockwork_gradcheck_off_cycle():
         return torch.func.functional_call(m, dict(zip(names, params)), (x, h), {"t0": 3})
 
     assert torch.autograd.gradcheck(f, (x, h, *m.parameters()))
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_dropout_between_layers(name):
-    torch.manual_seed(0)
-    m = build_variant(name, 3, 8, num_layers=2, dropout=0.5)
-    plain = build_variant(name, 3, 8, num_layers=2)
-    plain.load_state_dict(m.state_dict())
-    x = torch.randn(2, 5, 3)
-    m.train()
-    torch.manual_seed(1)
-    a = m(x)[0]
-    torch.manual_seed(2)
-    b = m(x)[0]
-    assert not torch.allclose(a, b)
-    m.eval()
-    torch.testing.assert_close(m(x)[0], plain(x)[0])
-    one = build_variant(name, 3, 8, num_layers=1, dropout=0.5) if name != "rnn" else None
-    if one is not None:  # one layer: nothing between layers, dropout does nothing even in training
-        one.train()
-        torch.manual_seed(1)
-        torch.testing.assert_close(one(x)[0], one(x)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------

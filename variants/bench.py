@@ -23,27 +23,31 @@ REFERENCE = "torch.nn.LSTM"
 
 
 def _time_once(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # CUDA runs asynchronously
     model.zero_grad(set_to_none=True)
+    sync()
     t0 = time.perf_counter()
     loss = model(x)[0].sum()
+    sync()
     t1 = time.perf_counter()
     loss.backward()
+    sync()
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 
 
 def benchmark(names: list[str] | None = None, batch: int = 64, hidden: int = 128, seq_len: int = 200,
               threads: int = 1, input_size: int = 32, warmup: int = 3, repeats: int = 10,
-              num_layers: int = 1) -> list[dict]:
+              num_layers: int = 1, device: str = "cpu") -> list[dict]:
     """One row per variant (plus torch.nn.LSTM first, with as many layers): variant, params, fwd_ms, bwd_ms,
-    total_ms, ratio_vs_lstm (total time over nn.LSTM's total time)."""
+    total_ms, ratio_vs_lstm (total time over nn.LSTM's total time). On ``device="cuda"`` nn.LSTM is cuDNN's."""
     torch.set_flush_denormal(True)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    x = torch.randn(batch, seq_len, input_size)
-    models = {REFERENCE: nn.LSTM(input_size, hidden, num_layers, batch_first=True)}
+    x = torch.randn(batch, seq_len, input_size, device=device)
+    models = {REFERENCE: nn.LSTM(input_size, hidden, num_layers, batch_first=True).to(device)}
     for name in names or list(VARIANTS):
-        models[name] = build_variant(name, input_size, hidden, num_layers)
+        models[name] = build_variant(name, input_size, hidden, num_layers).to(device)
     for model in models.values():
         for _ in range(warmup):
             _time_once(model, x)

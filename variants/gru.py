@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from variants import register
+from variants.lstm import flatten_native
 
 
 @register("gru", description="GRU, reset after the recurrent matmul (torch.nn.GRU; native kernel)",
@@ -51,15 +52,25 @@ class GRU(nn.Module):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, dropout={self.dropout}, "
                 f"reset_after={self.reset_after}, native={self.native}")
 
+    def _native_weights(self):
+        """The fused kernel's weight list, torch's order: per layer weight_ih, weight_hh, bias_ih, bias_hh."""
+        return [getattr(self, f"{n}_l{k}") for k in range(self.num_layers)
+                for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+    def _apply(self, fn, recurse=True):
+        """After ``.to()``/``.cuda()``: the native path's weights into one cuDNN buffer (lstm.flatten_native)."""
+        out = super()._apply(fn, recurse)
+        if self.native:
+            flatten_native(self, "GRU")
+        return out
+
     def forward(self, x, state=None):
         if state is None:
             state = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
         if self.native:
             if not self.reset_after:
                 raise ValueError("GRU: the native kernel only computes reset_after=True")
-            weights = [getattr(self, f"{n}_l{k}") for k in range(self.num_layers)
-                       for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            out, h = torch.gru(x, state, weights, True, self.num_layers, self.dropout, self.training,
+            out, h = torch.gru(x, state, self._native_weights(), True, self.num_layers, self.dropout, self.training,
                                False, True)
             return out, h
         hs = []

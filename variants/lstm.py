@@ -133,6 +133,18 @@ class LSTM(nn.Module):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"dropout={self.dropout}, native={self.native}" + "".join(f", {k}={v}" for k, v in on.items()))
 
+    def _native_weights(self):
+        """The fused kernel's weight list, torch's order: per layer weight_ih, weight_hh, bias_ih, bias_hh."""
+        return [getattr(self, f"{n}_l{k}") for k in range(self.num_layers)
+                for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+    def _apply(self, fn, recurse=True):
+        """After ``.to()``/``.cuda()``: the native path's weights into one cuDNN buffer (see flatten_native)."""
+        out = super()._apply(fn, recurse)
+        if self.native:
+            flatten_native(self, "LSTM")
+        return out
+
     def _state_sizes(self):
         """The last dimension of each state tensor: (H, H), plus S*H for the gate activations with FGR."""
         H = self.hidden_size
@@ -150,9 +162,7 @@ class LSTM(nn.Module):
         h0, c0 = state[:2]
         a0 = state[2] if self.full_gate_recurrence else None
         if self.native:
-            weights = [getattr(self, f"{n}_l{k}") for k in range(self.num_layers)
-                       for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            out, h, c = torch.lstm(x, (h0, c0), weights, True, self.num_layers, self.dropout,
+            out, h, c = torch.lstm(x, (h0, c0), self._native_weights(), True, self.num_layers, self.dropout,
                                    self.training, False, True)
             return out, (h, c)
         x = x.transpose(0, 1)  # time-major inside: every step's slice is contiguous
@@ -331,6 +341,24 @@ class _Recurrence(torch.autograd.Function):
             d_w_gg_t.addmm_(acts[:-1, :, :SH].reshape(-1, SH).t(), dZ[1:, :, :SH].reshape(-1, SH))
             d_w_gg = d_w_gg_t.t()
         return None, dZ, dh, dc, da, d_w_hh, d_peep, d_w_gg
+
+
+def flatten_native(module, mode):
+    """On CUDA, make ``module._native_weights()`` views of one contiguous buffer in cuDNN's layout, as
+    ``torch.nn.RNNBase.flatten_parameters`` does for nn.LSTM; otherwise cuDNN repacks them at every call (and
+    warns). A no-op on the CPU, with mixed dtypes, or where cuDNN cannot take the weights. ``mode``: "LSTM",
+    "GRU". Optimizers update parameters in place, so the views stay views."""
+    weights = module._native_weights()
+    first = weights[0]
+    if not all(w.is_cuda and w.dtype == first.dtype and torch.backends.cudnn.is_acceptable(w) for w in weights):
+        return
+    if len({w.data_ptr() for w in weights}) != len(weights):
+        return
+    from torch.backends.cudnn import rnn as cudnn_rnn
+    with torch.cuda.device_of(first), torch.no_grad():
+        if torch._use_cudnn_rnn_flatten_weight():
+            torch._cudnn_rnn_flatten_weight(weights, 4, module.input_size, cudnn_rnn.get_cudnn_mode(mode),
+                                            module.hidden_size, 0, module.num_layers, True, False)
 
 
 def _sigmoid_backward(grad, s, out):

@@ -1,0 +1,195 @@
+"""The launcher (`rnnbench run`): prepares a study, keeps its queue full, supervises workers.
+
+* It alone creates trials: :func:`top_up` enqueues one WAITING trial for every free slot of a cell
+  (see ``studies.queue``), and once a cell's search has ended, its best trial's replicate runs.
+* It reaps trials whose worker is gone (:func:`reap`): a dead local process, a trial claimed but
+  never recorded, a remote worker silent for ``--stale-after`` seconds. Their slots are enqueued again.
+* It starts ``--workers`` worker processes, restarts one that dies, and stops them on Ctrl-C or
+  SIGTERM; they stop by themselves if the launcher is killed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from studies import queue
+from studies.crash import crash_point
+from studies.spec import Cell, Spec, cells
+from studies.store import Store, pid_alive
+from studies.tracking import close_run, describe_experiment, finish_parents, parent_runs, reconcile_runs
+from studies.worker import LAUNCHER_PID
+
+CLAIM_GRACE = 60.0  # seconds a claimed trial may go without its worker recorded on it
+
+
+class WorkersDying(RuntimeError):
+    """The launcher's workers keep dying (more than 3 restarts per worker)."""
+
+
+def prepare(spec: Spec, spec_text: str, store: Store, storage, client) -> tuple[str, dict[str, str]]:
+    """Create (or check) every cell's Optuna studies and MLflow parent run before workers start.
+    Returns the MLflow experiment id and each cell's parent run id."""
+    recorded = queue.prepare_studies(spec, storage)  # checks every cell before writing to MLflow
+    exp_id = store.experiment_id(client, spec.name, create=True)
+    describe_experiment(client, exp_id, spec, spec_text)
+    parents = parent_runs(client, exp_id, spec, recorded)
+    queue.record_parents(spec, storage, parents)
+    client.set_experiment_tag(exp_id, "rnnbench.prepared", "true")
+    return exp_id, parents
+
+
+def grid_point(spec: Spec, cell: Cell, slot: int) -> dict:
+    """The grid point of a slot: the grid's points in a seeded random order, so that fewer trials than
+    points sample the grid evenly rather than its first rows."""
+    names = [name for name, _ in cell.search_space]
+    points = [dict(zip(names, combo)) for combo in itertools.product(*(p.choices for _, p in cell.search_space))]
+    random.Random(queue.derive_seed(spec.seed, cell.key, "grid")).shuffle(points)
+    return points[slot]
+
+
+def top_up(spec: Spec, storage, rows: list[queue.CellProgress] | None = None) -> None:
+    """Enqueue a trial for every free search slot of each cell, and, once a cell's search has ended,
+    for every free replicate slot of its best trial. ``rows``: this moment's progress, if known."""
+    for row in rows if rows is not None else queue.progress(spec, storage):
+        cell = row.cell
+        free = queue.free_slots(row.search_trials, spec.trials)
+        if free:
+            search = queue.open_study(storage, queue.optuna_name(spec, cell, "search"))
+            for slot in free:
+                queue.enqueue(search, slot, grid_point(spec, cell, slot) if spec.sampler == "grid" else None)
+                crash_point("launcher.enqueued_search")
+        if not row.search_done or row.best is None:
+            continue
+        free = queue.free_slots(row.replicate_trials, spec.replicates, row.best.number)
+        if free:
+            replicate = queue.open_study(storage, queue.optuna_name(spec, cell, "replicate"))
+            for slot in free:
+                queue.enqueue(replicate, slot, row.best.params, source_trial=row.best.number)
+                crash_point("launcher.enqueued_replicate")
+
+
+def why_dead(t, host: str, now: float, stale_after: float, all_dead: bool) -> str | None:
+    """Why a RUNNING trial's worker must be taken as gone, or None if it may be alive."""
+    if "interrupted" in t.user_attrs:  # a reaper died between marking and closing it
+        return t.user_attrs["interrupted"]
+    worker = t.user_attrs.get("worker")
+    if all_dead:
+        return f"worker {worker or '?'} is gone (the study was restarted)"
+    started = t.datetime_start.timestamp() if t.datetime_start else now
+    if worker is None:
+        grace = min(CLAIM_GRACE, stale_after)
+        return f"claimed {now - started:.0f} s ago by a worker that never recorded itself" if now - started > grace else None
+    whost, _, pid = worker.rpartition(":")
+    if whost == host and (not pid.isdigit() or not pid_alive(int(pid))):
+        return f"worker {worker} died"
+    beat = t.user_attrs.get("heartbeat", started)
+    if now - beat > stale_after:
+        return f"no heartbeat from worker {worker} for {now - beat:.0f} s"
+    return None
+
+
+def reap(spec: Spec, storage, client, exp_id: str, stale_after: float, all_dead: bool = False) -> int:
+    """Close the trials whose worker is gone (see :func:`why_dead`); ``all_dead``: every RUNNING trial
+    (an embedded store at start, under the root's lock: no worker of an earlier run is alive).
+    Then close the MLflow runs such deaths left RUNNING. Returns how many trials were closed."""
+    host, now, n = socket.gethostname(), time.time(), 0
+    for row in queue.progress(spec, storage):
+        for t in row.search_trials + row.replicate_trials:
+            if t.state != queue.TrialState.RUNNING:
+                continue
+            reason = why_dead(t, host, now, stale_after, all_dead)
+            if reason is None or not queue.interrupt(storage, queue.trial_id(t), reason):
+                continue
+            crash_point("launcher.reaped")
+            if t.user_attrs.get("mlflow_run_id"):
+                close_run(client, t.user_attrs["mlflow_run_id"], queue.TrialState.FAIL, reason)
+            n += 1
+    reconcile_runs(storage, client, exp_id)
+    return n
+
+
+def worker_command(spec_path: Path, store: Store, threads: int) -> list[str]:
+    cmd = [sys.executable, "-m", "rnnbench", "worker", str(spec_path), "--root", str(store.root),
+           "--threads", str(threads)]
+    if store.storage_url:
+        cmd += ["--storage", store.storage_url]
+    if store.tracking:
+        cmd += ["--tracking-uri", store.tracking]
+    return cmd
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers: int = 1, threads: int = 1,
+              stale_after: float = 900.0, on_progress=None, poll: float = 1.0) -> list[queue.CellProgress]:
+    """Prepare the study, start ``workers`` worker processes, keep the queue topped up, wait for the end.
+
+    ``on_progress(rows)`` is called every ``poll`` seconds. Returns the final progress rows.
+    """
+    lock_fd = store.lock()
+    procs: list[subprocess.Popen] = []
+    previous = signal.signal(signal.SIGTERM, _stop)  # SIGTERM stops the workers too, like Ctrl-C
+    try:
+        if not store.distributed:
+            store.repair_journal()
+        storage, client = store.optuna_storage(), store.mlflow_client()
+        exp_id, parents = prepare(spec, spec_path.read_text(), store, storage, client)
+        reap(spec, storage, client, exp_id, stale_after, all_dead=not store.distributed)
+        top_up(spec, storage)
+        logs = store.logs_dir()
+        restarts = 0
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", LAUNCHER_PID: str(os.getpid())}
+
+        def start(i):
+            log = open(logs / f"worker-{i}.log", "ab")
+            return subprocess.Popen(worker_command(spec_path, store, threads), stdout=log, stderr=subprocess.STDOUT,
+                                    pass_fds=(lock_fd,), env=env)
+
+        procs = [start(i) for i in range(workers)]
+        last_reap = time.monotonic()
+        while True:
+            rows = queue.progress(spec, storage)
+            if on_progress:
+                on_progress(rows)
+            done = all(r.done() for r in rows)
+            if done and all(p.poll() is not None for p in procs):
+                break
+            crash_point("launcher.running")
+            for i, p in enumerate(procs):
+                if p.poll() is not None and not done:
+                    if p.returncode != 0:
+                        restarts += 1
+                        if restarts > 3 * workers:
+                            raise WorkersDying(f"workers keep dying ({restarts} deaths); see {logs}/worker-*.log")
+                    procs[i] = start(i)
+            if time.monotonic() - last_reap > 10 * poll:
+                if reap(spec, storage, client, exp_id, stale_after):
+                    rows = None  # reaping freed slots that top_up must see
+                last_reap = time.monotonic()
+            top_up(spec, storage, rows)
+            time.sleep(poll)
+        rows = queue.progress(spec, storage)
+        finish_parents(client, rows, parents)
+        reconcile_runs(storage, client, exp_id)
+        return rows
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        os.close(lock_fd)
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,358 @@
+"""The trial protocol: how a cell's trials are created, claimed, run and closed, exactly once.
+
+This is the only module that touches Optuna's private API (``Study(...)``, ``Study._storage``,
+``Study._get_trials``, ``FrozenTrial._trial_id``, ``optuna.Trial(study, id)``, the storage's
+``set_trial_state_values`` / ``set_trial_user_attr`` and ``QMCSampler._find_sample_id``);
+``tests/test_queue.py`` pins what it relies on.
+
+Each cell has two Optuna studies, ``search`` and ``replicate``. Every trial has a **slot**: search
+trials fill slots 0..trials-1, replicate trials slots 0..replicates-1 (the replicate index) of one
+*source* search trial. A run's seed and, for search trials, its sampler seed derive from the slot,
+never from the trial number, so a trial that replaces an interrupted one is the same run again.
+
+States and transitions (Optuna's trial states; user attributes in brackets)::
+
+    enqueue      (launcher)      -> WAITING  [slot, source_trial]
+    claim        (a worker)         WAITING -> RUNNING      atomic: exactly one claimer wins
+    record       (that worker)      RUNNING  [worker = host:pid, heartbeat]
+    beat         (that worker)      RUNNING  [heartbeat]    at every evaluation
+    end          (that worker)      RUNNING -> COMPLETE | PRUNED | FAIL [error]      counted
+    interrupt    (reaper/worker)    RUNNING -> FAIL [interrupted = reason]           not counted
+
+A slot is *held* by a counted trial or by a WAITING or RUNNING one; the launcher enqueues a trial for
+every slot nobody holds (:func:`free_slots`), so an interrupted trial's slot is filled again and each
+cell ends with exactly ``trials`` counted search trials and ``replicates`` replicate runs per source.
+
+Interrupting writes the ``interrupted`` attribute first and then sets FAIL; a trial that ends
+COMPLETE or PRUNED in between (its worker was faster than the reaper) stays counted, because only a
+FAIL trial with the attribute is interrupted. A process killed between the two writes leaves a
+RUNNING trial marked ``interrupted``: the next reap finishes the job.
+
+Generations make search results independent of the number of workers: the trial in slot ``s`` may
+only be claimed once every slot below ``g * (s // g)`` has ended (``g`` = the study file's
+``generation``), and its sampler and pruner see exactly those trials, in slot order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Callable, Container
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from studies.crash import crash_point
+from studies.spec import Cell, Spec, cell_fingerprint, cells
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # QMCSampler
+
+ENDED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+LIVE = (TrialState.WAITING, TrialState.RUNNING)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading trials
+# --------------------------------------------------------------------------------------------------
+
+def slot(t: FrozenTrial) -> int:
+    return int(t.user_attrs.get("slot", t.number))
+
+
+def interrupted(t: FrozenTrial) -> bool:
+    return t.state == TrialState.FAIL and "interrupted" in t.user_attrs
+
+
+def counted(t: FrozenTrial) -> bool:
+    return t.state in ENDED and not interrupted(t)
+
+
+def holds(t: FrozenTrial) -> bool:
+    """Whether ``t`` holds its slot: it counts, or it may still come to count."""
+    return counted(t) or t.state in LIVE
+
+
+def source(t: FrozenTrial) -> int | None:
+    value = t.user_attrs.get("source_trial")
+    return None if value is None else int(value)
+
+
+def free_slots(trials: list[FrozenTrial], n: int, source_trial: int | None = None) -> list[int]:
+    """Slots in 0..n-1 that no trial holds (among replicate trials: of ``source_trial``)."""
+    held = {slot(t) for t in trials if holds(t) and source(t) == source_trial}
+    return [s for s in range(n) if s not in held]
+
+
+def trial_id(t: FrozenTrial) -> int:
+    return t._trial_id
+
+
+# --------------------------------------------------------------------------------------------------
+# Studies
+# --------------------------------------------------------------------------------------------------
+
+def open_study(storage, name: str, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    """A handle on an existing study (``KeyError`` if there is none). Its sampler never samples:
+    :func:`start` gives each claimed trial a sampler of its own."""
+    return optuna.Study(name, storage, sampler=optuna.samplers.RandomSampler(0),
+                        pruner=pruner or optuna.pruners.NopPruner())
+
+
+class _View(optuna.Study):
+    """A study as a trial's sampler and pruner see it: only the ended, counted trials of the given
+    slots, in slot order, whatever else the storage holds by now."""
+
+    def __init__(self, study: optuna.Study, visible: Container[int], sampler, pruner):
+        super().__init__(study.study_name, study._storage, sampler=sampler, pruner=pruner)
+        self._visible = visible
+
+    def _get_trials(self, deepcopy=True, states=None, use_cache=False):
+        trials = super()._get_trials(deepcopy, states, use_cache)
+        return sorted((t for t in trials if counted(t) and slot(t) in self._visible), key=slot)
+
+    def get_trials(self, deepcopy=True, states=None):
+        return self._get_trials(deepcopy, states)
+
+
+class SlotQMCSampler(optuna.samplers.QMCSampler):
+    """Optuna's QMC sampler, taking the sequence point of the trial's slot instead of a shared
+    counter (which depends on the order in which workers sample)."""
+
+    def __init__(self, slot: int, **kwargs):
+        super().__init__(**kwargs)
+        self._slot = slot
+
+    def _find_sample_id(self, study, search_space) -> int:
+        return self._slot
+
+
+# --------------------------------------------------------------------------------------------------
+# Transitions
+# --------------------------------------------------------------------------------------------------
+
+def enqueue(study: optuna.Study, slot_: int, params: dict | None = None, source_trial: int | None = None) -> None:
+    attrs = {"slot": slot_} | ({} if source_trial is None else {"source_trial": source_trial})
+    study.enqueue_trial(params or {}, user_attrs=attrs, skip_if_exists=False)
+
+
+def claim(study: optuna.Study, ready: Callable[[FrozenTrial, list[FrozenTrial]], bool] = lambda t, ts: True
+          ) -> FrozenTrial | None:
+    """Atomically move one WAITING trial to RUNNING (lowest slot first, among those ``ready(t, trials)``
+    accepts) and return it; None if there is none. Unlike ``Study.ask`` it never creates a trial.
+
+    A WAITING trial whose slot another trial already holds (a retried enqueue whose first attempt did
+    reach the database) is closed as interrupted instead of run."""
+    storage = study._storage
+    trials = study.get_trials(deepcopy=False)
+    waiting = sorted((t for t in trials if t.state == TrialState.WAITING), key=lambda t: (slot(t), t.number))
+    for t in waiting:
+        rivals = [o for o in trials if o.number != t.number and holds(o) and o.state != TrialState.WAITING
+                  and slot(o) == slot(t) and source(o) == source(t)]
+        if not ready(t, trials) and not rivals:
+            continue
+        try:
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                continue  # another worker won it
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        if rivals:
+            interrupt(storage, t._trial_id, f"duplicate of trial {rivals[0].number} (slot {slot(t)})")
+            continue
+        return storage.get_trial(t._trial_id)
+    return None
+
+
+def generation_ready(g: int) -> Callable[[FrozenTrial, list[FrozenTrial]], bool]:
+    """``claim``'s rule for search trials: every slot below ``g * (slot // g)`` has ended."""
+    def ready(t: FrozenTrial, trials: list[FrozenTrial]) -> bool:
+        ended = {slot(o) for o in trials if counted(o)}
+        return all(s in ended for s in range(g * (slot(t) // g)))
+    return ready
+
+
+def start(study: optuna.Study, frozen: FrozenTrial, sampler=None, pruner=None, generation: int | None = None
+          ) -> optuna.Trial:
+    """The ``optuna.Trial`` of a claimed trial. With ``generation``, its sampler and pruner see only the
+    trials of earlier generations (see the module docstring); replicate trials have fixed params."""
+    if generation is not None:
+        visible = range(generation * (slot(frozen) // generation))
+        study = _View(study, visible, sampler or study.sampler, pruner or study.pruner)
+    return optuna.Trial(study, frozen._trial_id)
+
+
+def record(storage, trial_id: int, worker: str, now: float) -> None:
+    storage.set_trial_user_attr(trial_id, "worker", worker)
+    storage.set_trial_user_attr(trial_id, "heartbeat", now)
+
+
+def set_attr(storage, trial_id: int, key: str, value) -> None:
+    storage.set_trial_user_attr(trial_id, key, value)
+
+
+def end(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None = None) -> TrialState:
+    """Close a running trial; returns the state it has now: ``state``, or, when it was closed already
+    (reaped as interrupted, or a retried write whose first attempt got through), the state it got."""
+    try:
+        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        return state
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return study._storage.get_trial(trial._trial_id).state
+
+
+def interrupt(storage, trial_id: int, reason: str) -> bool:
+    """Close a RUNNING (or WAITING) trial as interrupted: not counted, its slot free again.
+    Returns False if it had ended meanwhile (then it keeps the state it ended with)."""
+    try:
+        storage.set_trial_user_attr(trial_id, "interrupted", reason)
+        crash_point("interrupt.marked")
+        storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return True
+
+
+def get_trial(storage, trial_id: int) -> FrozenTrial:
+    return storage.get_trial(trial_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# A study's cells
+# --------------------------------------------------------------------------------------------------
+
+KINDS = ("search", "replicate")
+
+
+def derive_seed(*parts) -> int:
+    """A 31-bit seed from any parts (study seed, cell key, kind, slot...), stable across runs."""
+    digest = hashlib.sha256(json.dumps(parts, default=str).encode()).digest()
+    return int.from_bytes(digest[:4], "little") >> 1
+
+
+def optuna_name(spec: Spec, cell: Cell, kind: str) -> str:
+    return f"{spec.name}/{cell.key}" + ("/replicates" if kind == "replicate" else "")
+
+
+def ended_slots(trials: list[FrozenTrial], source_trial: int | None = None) -> set[int]:
+    return {slot(t) for t in trials if counted(t) and source(t) == source_trial}
+
+
+def tally(trials: list[FrozenTrial]) -> dict[str, int]:
+    out = {s.name: 0 for s in TrialState}
+    for t in trials:
+        out[t.state.name] += 1
+    out["counted"] = sum(counted(t) for t in trials)
+    out["interrupted"] = sum(interrupted(t) for t in trials)
+    return out
+
+
+def best_trial(trials: list[FrozenTrial], direction: str) -> FrozenTrial | None:
+    """The COMPLETE trial with the best value; ties go to the lowest trial number."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    sign = 1 if direction == "minimize" else -1
+    return min(done, key=lambda t: (sign * t.value, t.number)) if done else None
+
+
+@dataclass
+class CellProgress:
+    """One cell's trials as the storage has them now. ``replicate`` counts only the replicate runs of
+    the current best search trial (``best``); runs of an earlier best are ``superseded``."""
+
+    cell: Cell
+    search_trials: list[FrozenTrial]
+    replicate_trials: list[FrozenTrial]
+    trials: int  # the study file's trials and replicates per cell
+    replicates: int
+    best: FrozenTrial | None
+
+    @property
+    def search(self) -> dict[str, int]:
+        return tally(self.search_trials)
+
+    @property
+    def replicate(self) -> dict[str, int]:
+        source_ = None if self.best is None else self.best.number
+        return tally([t for t in self.replicate_trials if source(t) == source_])
+
+    @property
+    def superseded(self) -> int:
+        source_ = None if self.best is None else self.best.number
+        return sum(counted(t) and source(t) != source_ for t in self.replicate_trials)
+
+    @property
+    def best_value(self) -> float | None:
+        return None if self.best is None else self.best.value
+
+    @property
+    def search_done(self) -> bool:
+        return set(range(self.trials)) <= ended_slots(self.search_trials)
+
+    def replicates_wanted(self) -> int:
+        # No replicate runs when no search trial completed: there is no best configuration.
+        return self.replicates if self.best is not None or not self.search_done else 0
+
+    def done(self) -> bool:
+        if not self.search_done:
+            return False
+        if self.best is None or self.replicates == 0:
+            return True
+        return set(range(self.replicates)) <= ended_slots(self.replicate_trials, self.best.number)
+
+
+def progress(spec: Spec, storage) -> list[CellProgress]:
+    rows = []
+    for cell in cells(spec):
+        trials = {}
+        for kind in KINDS:
+            try:
+                trials[kind] = open_study(storage, optuna_name(spec, cell, kind)).get_trials(deepcopy=False)
+            except KeyError:  # not prepared yet
+                trials[kind] = []
+        best = best_trial(trials["search"], spec.objective.direction)
+        rows.append(CellProgress(cell, trials["search"], trials["replicate"], spec.trials, spec.replicates, best))
+    return rows
+
+
+class StudyChanged(RuntimeError):
+    """A study file defines a cell differently from the one its trials were run with."""
+
+
+def check_fingerprints(spec: Spec, storage, action: str = "give workers the launcher's study file") -> bool:
+    """Raise :class:`StudyChanged` if any prepared cell was prepared from another definition (search
+    space, budget, model, sampler, objective, seed); False while some cell is not prepared yet."""
+    prepared = True
+    for cell in cells(spec):
+        try:
+            stored = open_study(storage, optuna_name(spec, cell, "search")).user_attrs.get("fingerprint")
+        except KeyError:
+            prepared = False
+            continue
+        if stored is not None and stored != cell_fingerprint(spec, cell):
+            raise StudyChanged(
+                f"study {spec.name!r}, cell {cell.key}: the study file changed this cell's definition (search "
+                f"space, budget, model, sampler, objective or seed) since the study was prepared; {action}")
+    return prepared
+
+
+def prepare_studies(spec: Spec, storage) -> dict[str, str | None]:
+    """Create each cell's two Optuna studies (or check their definition). Returns each cell's recorded
+    MLflow parent run id (None where not recorded yet)."""
+    check_fingerprints(spec, storage, "give the study a new 'name' (or use another --root) to start a new study")
+    parents = {}
+    for cell in cells(spec):
+        for kind in KINDS:
+            study = optuna.create_study(storage=storage, study_name=optuna_name(spec, cell, kind),
+                                        direction=spec.objective.direction, load_if_exists=True)
+            if "fingerprint" not in study.user_attrs:
+                study.set_user_attr("fingerprint", cell_fingerprint(spec, cell))
+            if kind == "search":
+                parents[cell.key] = study.user_attrs.get("mlflow_parent_run_id")
+    return parents
+
+
+def record_parents(spec: Spec, storage, parents: dict[str, str]) -> None:
+    for cell in cells(spec):
+        study = open_study(storage, optuna_name(spec, cell, "search"))
+        if study.user_attrs.get("mlflow_parent_run_id") != parents[cell.key]:
+            study.set_user_attr("mlflow_parent_run_id", parents[cell.key])

@@ -1,0 +1,141 @@
+"""The MLflow side of a study: one experiment per study, one parent run per cell, one child run per
+trial, provenance tags, and reconciling runs with the trial protocol after a crash.
+
+MLflow is a log of what the protocol (``studies.queue``) decided, never the other way round: a run's
+status follows its Optuna trial. A process that dies between the two leaves a run RUNNING;
+:func:`reconcile_runs` closes it from the trial's state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import socket
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+from mlflow.entities import Metric
+from optuna.trial import TrialState
+
+from studies import queue
+from studies.crash import crash_point
+from studies.spec import Cell, Spec, cells
+
+NOTE_LIMIT = 4800  # MLflow caps tag values at 5000 characters
+
+
+def cell_tags(spec: Spec, cell: Cell) -> dict[str, str]:
+    return {"rnnbench.study": spec.name, "rnnbench.cell": cell.key, "rnnbench.task": cell.task,
+            "rnnbench.variant": cell.variant.name, "rnnbench.base_variant": cell.variant.variant,
+            "rnnbench.ladder": cell.ladder, "rnnbench.ladder_value": str(cell.ladder_value)}
+
+
+def provenance(spec_sha: str, threads: int) -> dict[str, str]:
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit != "unknown" else False
+    versions = {p: _version(p) for p in ("rnnbench", "torch", "optuna", "mlflow")}
+    return {"rnnbench.git_commit": commit, "rnnbench.git_dirty": str(dirty).lower(),
+            "rnnbench.study_sha256": spec_sha, "rnnbench.torch_threads": str(threads),
+            "rnnbench.device": "cpu", "rnnbench.python": platform.python_version(),
+            "rnnbench.host": socket.gethostname(),
+            **{f"rnnbench.version.{k}": v for k, v in versions.items()}}
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def describe_experiment(client, exp_id: str, spec: Spec, spec_text: str) -> None:
+    """The study file as the experiment's description, and what reports need of it, whole and parsed."""
+    client.set_experiment_tag(exp_id, "rnnbench.study_sha256", hashlib.sha256(spec_text.encode()).hexdigest())
+    text = spec_text if len(spec_text) <= NOTE_LIMIT else (
+        spec_text[:NOTE_LIMIT] + "\n# ... (truncated: the study file is longer)")
+    client.set_experiment_tag(exp_id, "mlflow.note.content", f"```yaml\n{text}\n```")
+    meta = {"objective": spec.objective.model_dump(), "reference": spec.reference_label,
+            "variant_order": [v.name for v in spec.variants],
+            "task_order": list(dict.fromkeys(t["task"] for t in spec.tasks))}
+    client.set_experiment_tag(exp_id, "rnnbench.study_meta", json.dumps(meta))
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")  # "Machine learning", not GenAI
+
+
+def parent_runs(client, exp_id: str, spec: Spec, recorded: dict[str, str | None]) -> dict[str, str]:
+    """Each cell's parent run id: the one recorded in its Optuna study (``recorded``), else one a killed
+    launcher created without recording it (found by its tags), else a new one."""
+    found = {r.data.tags.get("rnnbench.cell"): r.info.run_id for r in client.search_runs(
+        [exp_id], "tags.`rnnbench.role` = 'cell'", max_results=50000, order_by=["attributes.start_time DESC"])}
+    out = {}
+    for cell in cells(spec):
+        run_id = recorded.get(cell.key) or found.get(cell.key)
+        if run_id is None:
+            run_id = client.create_run(exp_id, run_name=cell.key,
+                                       tags={**cell_tags(spec, cell), "rnnbench.role": "cell"}).info.run_id
+            crash_point("launcher.parent_created")
+        out[cell.key] = run_id
+    return out
+
+
+def close_run(client, run_id: str, state: TrialState, interrupted: str | None = None) -> None:
+    """End a trial's run with the status its trial's state implies."""
+    if interrupted is not None:
+        client.set_tag(run_id, "rnnbench.interrupted", interrupted)
+        status = "KILLED"
+    else:
+        status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(state, "FAILED")
+    client.set_terminated(run_id, status)
+
+
+def reconcile_runs(storage, client, exp_id: str) -> int:
+    """End every trial run still RUNNING whose Optuna trial has ended (a worker can die between telling
+    Optuna and closing the run, or between creating the run and recording its id on the trial)."""
+    runs = client.search_runs([exp_id], "attributes.status = 'RUNNING' and tags.`rnnbench.role` = 'trial'",
+                              max_results=50000)
+    trials: dict[str, dict[int, object]] = {}
+    fixed = 0
+    for run in runs:
+        tags = run.data.tags
+        name = tags["rnnbench.optuna_study"]
+        if name not in trials:
+            trials[name] = {t.number: t for t in queue.open_study(storage, name).get_trials(deepcopy=False)}
+        trial = trials[name].get(int(tags["rnnbench.trial"]))
+        if trial is None or trial.state in queue.LIVE:
+            continue
+        orphan = trial.user_attrs.get("mlflow_run_id") != run.info.run_id
+        reason = trial.user_attrs.get("interrupted") if queue.interrupted(trial) else None
+        if orphan and reason is None:
+            reason = "its worker died before recording this run on the trial"
+        close_run(client, run.info.run_id, trial.state, reason)
+        fixed += 1
+    return fixed
+
+
+def finish_parents(client, rows: list[queue.CellProgress], parents: dict[str, str]) -> None:
+    """Close each cell's parent run with its summary (best objective, trial counts)."""
+    for row in rows:
+        run_id = parents.get(row.cell.key)
+        if not run_id:
+            continue
+        s = row.search
+        metrics = {f"trials_{k.lower()}": s[k] for k in ("COMPLETE", "PRUNED")}
+        metrics["trials_fail"] = s["FAIL"] - s["interrupted"]
+        metrics["trials_interrupted"] = s["interrupted"]
+        metrics["replicates_ended"] = row.replicate["counted"]
+        if row.best is not None:
+            metrics["best_objective"] = row.best.value
+            metrics["best_trial"] = row.best.number
+        ts = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+        client.set_terminated(run_id, "FINISHED" if row.done() else "KILLED")
+        crash_point("launcher.finishing")

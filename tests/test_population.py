@@ -1,0 +1,198 @@
+"""A population of P members equals P sequential ``train`` runs with the same seeds; members fail and leave alone.
+
+Imports torch, tasks, variants and studies.training/population only (the GPU script runs it without optuna,
+mlflow or pydantic installed).
+"""
+
+import math
+
+import pytest
+import torch
+
+from studies.population import (Member, PopulationModel, PopulationSpec, member_models, population_pays,
+                                supports_population, train_population)
+from studies.training import Divergence, SequenceModel, TrainConfig, gradient_by_lag, train
+from tasks import build_task
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Every supported family and switch set; (task, variant, switches, num_layers).
+CASES = [
+    ("adding", "lstm", {}, 1),
+    ("copy_memory", "lstm", {"forget_bias": 1.0}, 2),
+    ("adding", "peephole", {}, 1),
+    ("copy_memory", "peephole", {}, 2),
+    ("adding", "cifg", {"forget_bias": 1.0}, 1),
+    ("adding", "nig", {}, 1),
+    ("adding", "nfg", {}, 1),
+    ("adding", "nog", {}, 1),
+    ("copy_memory", "niaf", {}, 1),
+    ("adding", "noaf", {}, 1),
+    ("adding", "fgr", {}, 1),
+    ("adding", "lstm", {"coupled": True, "output_gate": False, "full_gate_recurrence": True}, 1),
+    ("copy_memory", "gru", {}, 1),
+    ("adding", "gru", {}, 2),
+    ("adding", "gru_cho", {}, 1),
+    ("copy_memory", "gru_cho", {}, 2),
+    ("adding", "rnn", {}, 1),
+    ("copy_memory", "rnn", {"nonlinearity": "relu"}, 1),
+]
+SETTINGS = {"adding": {"seq_len": 9}, "copy_memory": {"seq_len": 4, "n_copy": 2}}
+# Learning rates and clips that differ: the clip of member 0 binds, member 2 is not clipped at all.
+MEMBERS = [Member(seed=3, lr=1e-2, grad_clip=0.05), Member(seed=7, lr=3e-3, grad_clip=1.0, weight_decay=1e-2),
+           Member(seed=11, lr=2e-2, grad_clip=None)]
+
+
+def sequential(task, spec, member, cfg, eval_batch, device="cpu"):
+    torch.manual_seed(member.seed)  # as the engine builds a trial's model
+    model = SequenceModel(task, spec.variant, spec.hidden_size, spec.num_layers, spec.dropout, spec.switches)
+    one = TrainConfig(lr=member.lr, grad_clip=member.grad_clip, weight_decay=member.weight_decay,
+                      steps=cfg.steps, eval_every=cfg.eval_every, batch_size=cfg.batch_size, optimizer=cfg.optimizer)
+    return model, train(task, model, one, eval_batch, member.seed, device=device)
+
+
+def assert_same_runs(task, spec, cfg, members, device="cpu", rtol=1e-4, atol=1e-5):
+    eval_batch = task.eval_batch(16, 0)
+    results = train_population(task, spec, members, cfg, eval_batch, device=device)
+    for member, got in zip(members, results):
+        model, want = sequential(task, spec, member, cfg, eval_batch, device)
+        assert got.error is None and got.steps == want.steps == cfg.steps
+        assert [s for s, _ in got.history] == [s for s, _ in want.history]
+        for (_, g), (_, w) in zip(got.history, want.history):
+            assert g["loss"] == pytest.approx(w["loss"], rel=rtol)
+        want_params = dict(model.named_parameters())
+        for name, p in got.model.named_parameters():
+            torch.testing.assert_close(p, want_params[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("steps", [1, 20])
+@pytest.mark.parametrize("task_name, variant, switches, layers", CASES)
+def test_population_equals_sequential_runs(task_name, variant, switches, layers, steps):
+    task = build_task(task_name, **SETTINGS[task_name])
+    spec = PopulationSpec(variant, switches, hidden_size=6, num_layers=layers)
+    assert supports_population(variant, switches, layers)
+    assert_same_runs(task, spec, TrainConfig(steps=steps, eval_every=10, batch_size=5), MEMBERS)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "nesterov", "rmsprop"])
+def test_other_optimizers_equal_sequential_runs(optimizer):
+    task = build_task("adding", seq_len=9)
+    spec = PopulationSpec("peephole", hidden_size=6)
+    lrs = [Member(m.seed, lr=m.lr * (10 if optimizer != "rmsprop" else 0.1), grad_clip=m.grad_clip,
+                  weight_decay=m.weight_decay) for m in MEMBERS]
+    assert_same_runs(task, spec, TrainConfig(steps=12, eval_every=6, batch_size=5, optimizer=optimizer), lrs)
+
+
+def test_variable_length_batches_are_padded_per_member():
+    task = build_task("embedded_reber")  # strings of different lengths: each member's batch has its own width
+    assert_same_runs(task, PopulationSpec("gru_cho", hidden_size=6), TrainConfig(steps=5, eval_every=5, batch_size=4),
+                     MEMBERS[:2])
+
+
+def test_a_diverging_member_fails_alone():
+    task = build_task("adding", seq_len=9)
+    members = [Member(seed=1, lr=1e-2), Member(seed=2, lr=1e30, grad_clip=None), Member(seed=3, lr=1e-2)]
+    cfg = TrainConfig(steps=20, eval_every=10, batch_size=5)
+    results = train_population(task, PopulationSpec("peephole", hidden_size=6), members, cfg, task.eval_batch(16, 0))
+    bad = results[1]
+    assert isinstance(bad.error, Divergence) and bad.steps == 10 and bad.history == []
+    assert "at step 2" in str(bad.error)
+    for r in (results[0], results[2]):
+        assert r.error is None and r.steps == 20 and math.isfinite(r.metrics["loss"])
+    # the survivors are unaffected: they equal their sequential runs
+    assert_same_runs(task, PopulationSpec("peephole", hidden_size=6), cfg, [members[0], members[2]])
+
+
+def test_a_pruned_member_leaves_and_the_others_go_on():
+    task = build_task("copy_memory", seq_len=4, n_copy=2)
+    seen = []
+
+    def on_eval(member, step, metrics):
+        seen.append((member, step))
+        if member == 0 and step == 4:
+            return False  # pruned
+        if member == 2 and step == 8:
+            raise KeyError("stop")
+        return None
+
+    members = [Member(seed=s, lr=1e-2) for s in range(4)]
+    results = train_population(task, PopulationSpec("lstm", hidden_size=6), members,
+                               TrainConfig(steps=12, eval_every=4, batch_size=5), task.eval_batch(16, 0), on_eval)
+    assert sorted(seen) == sorted([(0, 4), (1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (3, 8), (1, 12), (3, 12)])
+    assert results[0].stopped and results[0].steps == 4 and results[0].error is None
+    assert isinstance(results[2].error, KeyError) and not results[2].stopped and results[2].steps == 8
+    assert [r.steps for r in (results[1], results[3])] == [12, 12]
+    # a member that stays after another left still equals its sequential run
+    eval_batch = task.eval_batch(16, 0)
+    model, want = sequential(task, PopulationSpec("lstm", hidden_size=6), members[3],
+                             TrainConfig(steps=12, eval_every=4, batch_size=5), eval_batch)
+    assert results[3].metrics["loss"] == pytest.approx(want.metrics["loss"], rel=1e-4)
+
+
+def test_member_model_gives_each_member_back():
+    task = build_task("adding", seq_len=9)
+    spec = PopulationSpec("cifg", hidden_size=6)
+    models = member_models(task, spec, [4, 5])
+    pop = PopulationModel(models)
+    batch = task.eval_batch(8, 0)
+    for i, model in enumerate(models):
+        member = pop.member_model(i)
+        assert gradient_by_lag(task, member, batch) == pytest.approx(gradient_by_lag(task, model, batch), rel=1e-5)
+    pop.keep([1])
+    assert pop.size == 1
+    torch.testing.assert_close(pop(batch.x.unsqueeze(0))[0], models[1](batch.x))
+
+
+def test_unsupported_configurations_are_reported():
+    assert supports_population("peephole", {"coupled": True})
+    assert not supports_population("clockwork")
+    assert not supports_population("depth_gated")
+    assert not supports_population("lstm", {}, num_layers=2, dropout=0.1)  # dropout masks come from the global RNG
+    with pytest.raises(ValueError, match="no population form"):
+        train_population(build_task("adding", seq_len=5), PopulationSpec("clockwork", hidden_size=8), [Member(0)],
+                         TrainConfig(steps=1), build_task("adding", seq_len=5).eval_batch(4, 0))
+
+
+def test_population_pays_rule():
+    assert population_pays("peephole", {}, 32, "cpu") and population_pays("gru_cho", {}, 64, "cpu")
+    assert population_pays("rnn", {}, 32, "cpu") and population_pays("gru", {}, 64, "cpu")
+    assert not population_pays("peephole", {}, 128, "cpu")
+    assert not population_pays("lstm", {}, 32, "cpu")  # the fused kernel
+    assert population_pays("lstm", {}, 128, "cuda")
+    assert not population_pays("clockwork", {}, 32, "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", ["lstm", "peephole", "fgr", "gru", "gru_cho", "rnn"])
+def test_population_on_cuda_equals_sequential_runs_on_cpu(variant):
+    task = build_task("copy_memory", seq_len=4, n_copy=2)
+    spec = PopulationSpec(variant, hidden_size=6)
+    cfg = TrainConfig(steps=20, eval_every=10, batch_size=5)
+    eval_batch = task.eval_batch(16, 0)
+    results = train_population(task, spec, MEMBERS, cfg, eval_batch, device="cuda")
+    for member, got in zip(MEMBERS, results):
+        model, want = sequential(task, spec, member, cfg, eval_batch, "cpu")
+        assert got.metrics["loss"] == pytest.approx(want.metrics["loss"], rel=1e-3)
+        for name, p in got.model.named_parameters():
+            torch.testing.assert_close(p.cpu(), dict(model.named_parameters())[name], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("switches", [{}, {"peephole": True}, {"peephole": True, "coupled": True},
+                                      {"peephole": True, "full_gate_recurrence": True},
+                                      {"input_gate": False, "output_activation": False, "peephole": True},
+                                      {"forget_gate": False, "output_gate": False, "input_activation": False}])
+def test_fused_lstm_recurrence_equals_autograd_on_the_loop(switches):
+    """The hand-written backward (_LSTMRecurrence) against its slow twin, autograd on the plain equations."""
+    task = build_task("adding", seq_len=7)
+    pop = PopulationModel(member_models(task, PopulationSpec("lstm", switches, hidden_size=5, num_layers=2), [0, 1, 2]))
+    x = torch.randn(3, 4, 7, 2, generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(3, 4, 7, 1, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for fused in (True, False):
+        pop.fused = fused
+        pop.zero_grad(set_to_none=True)
+        out = pop(x)
+        (out * weights).sum().backward()
+        runs.append([out.detach()] + [p.grad.clone() for p in pop.parameters()])
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

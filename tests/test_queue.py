@@ -1,0 +1,178 @@
+"""The trial protocol (studies/queue.py): what it relies on in Optuna, and its rules, on an in-memory storage."""
+
+import inspect
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from studies import queue
+
+
+def fresh(n_waiting=0, name="s"):
+    storage = optuna.storages.InMemoryStorage()
+    optuna.create_study(storage=storage, study_name=name)
+    study = queue.open_study(storage, name)
+    for s in range(n_waiting):
+        queue.enqueue(study, s)
+    return storage, study
+
+
+def finish(study, frozen, value, space=("x",)):
+    trial = queue.start(study, frozen)
+    for p in space:
+        trial.suggest_float(p, 0, 1)
+    return queue.end(study, trial, TrialState.COMPLETE, value)
+
+
+# --------------------------------------------------------------------------------------------------
+# What the protocol relies on in Optuna's private API
+# --------------------------------------------------------------------------------------------------
+
+def test_optuna_private_api_is_what_the_protocol_relies_on():
+    assert list(inspect.signature(optuna.Study.__init__).parameters)[1:5] == ["study_name", "storage", "sampler", "pruner"]
+    assert list(inspect.signature(optuna.Study._get_trials).parameters)[1:] == ["deepcopy", "states", "use_cache"]
+    assert list(inspect.signature(optuna.Trial.__init__).parameters)[1:] == ["study", "trial_id"]
+    assert "_find_sample_id" in vars(optuna.samplers.QMCSampler)
+    tpe = inspect.getsource(optuna.samplers.TPESampler)
+    assert "study._get_trials(" in tpe  # the view filters what TPE sees through this method
+    storage, study = fresh(1)
+    (t,) = study.get_trials()
+    assert isinstance(t._trial_id, int)
+    # the atomic claim: WAITING -> RUNNING succeeds once
+    assert storage.set_trial_state_values(t._trial_id, TrialState.RUNNING) is True
+    assert storage.set_trial_state_values(t._trial_id, TrialState.RUNNING) is False
+    storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # interrupt() relies on both raising
+        storage.set_trial_user_attr(t._trial_id, "interrupted", "x")
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
+def test_view_shows_only_the_earlier_generations_in_slot_order():
+    storage, study = fresh(12)
+    for _ in range(12):
+        finish(study, queue.claim(study), value=0.5)
+    later = queue.claim(study)  # none left
+    assert later is None
+    queue.enqueue(study, 12)
+    frozen = queue.claim(study)
+    seen = []
+
+    class Spy(optuna.samplers.RandomSampler):
+        def sample_independent(self, study, trial, name, dist):
+            seen.append([queue.slot(t) for t in study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,),
+                                                                   use_cache=True)])
+            return super().sample_independent(study, trial, name, dist)
+
+    trial = queue.start(study, frozen, sampler=Spy(0), generation=4)
+    trial.suggest_float("x", 0, 1)
+    assert seen == [list(range(12))]
+    assert queue.generation_ready(4)(frozen, study.get_trials()) is True
+
+
+def test_tpe_suggestion_does_not_depend_on_trials_outside_the_view():
+    """The same slot with the same seed suggests the same point whatever else has ended by then."""
+    def suggestion(extra_trials: int) -> float:
+        storage, study = fresh(13 + extra_trials)
+        frozen = None
+        for i in range(13 + extra_trials):
+            t = queue.claim(study)
+            if queue.slot(t) == 12:
+                frozen = t
+            else:
+                finish(study, t, value=(queue.slot(t) - 5) ** 2)
+        trial = queue.start(study, frozen, sampler=optuna.samplers.TPESampler(seed=3, n_startup_trials=4),
+                            generation=4)
+        return trial.suggest_float("x", 0, 1)
+
+    assert suggestion(1) == suggestion(0) == suggestion(3)
+
+
+def test_slot_qmc_sampler_takes_the_slots_point():
+    def point(slot):
+        storage, study = fresh(2)
+        finish(study, queue.claim(study), 1.0)  # QMC infers its search space from a complete trial
+        trial = queue.start(study, queue.claim(study), sampler=queue.SlotQMCSampler(slot, seed=1), generation=1)
+        return trial.suggest_float("x", 0, 1)
+    assert point(3) == point(3) != point(4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rules
+# --------------------------------------------------------------------------------------------------
+
+def test_a_trial_that_completes_while_being_reaped_stays_counted():
+    """Issue case 4: the reaper marks a trial interrupted, the worker completes it before the reaper
+    sets FAIL. The trial must count once, and the reaper must not fail."""
+    storage, study = fresh(1)
+    frozen = queue.claim(study)
+    storage.set_trial_user_attr(frozen._trial_id, "interrupted", "no heartbeat")  # the reaper's first write
+    assert finish(study, frozen, 1.0) == TrialState.COMPLETE  # the worker was faster
+    assert queue.interrupt(storage, frozen._trial_id, "no heartbeat") is False  # the reaper's second write
+    (t,) = study.get_trials()
+    assert queue.counted(t) and not queue.interrupted(t)
+    assert queue.tally([t])["counted"] == 1
+    assert queue.tally([t])["interrupted"] == 0
+
+
+def test_interrupt_of_a_finished_trial_is_a_no_op():
+    storage, study = fresh(1)
+    frozen = queue.claim(study)
+    finish(study, frozen, 1.0)
+    assert queue.interrupt(storage, frozen._trial_id, "late") is False
+    assert "interrupted" not in study.get_trials()[0].user_attrs
+
+
+def test_free_slots_are_the_missing_indices_not_a_count():
+    """Issue case 1: replicate 0 interrupted while 1 and 2 wait: the free slot is 0, not 2."""
+    storage, study = fresh()
+    for s in range(3):
+        queue.enqueue(study, s, source_trial=7)
+    first = queue.claim(study)
+    assert queue.slot(first) == 0
+    queue.interrupt(storage, first._trial_id, "killed")
+    trials = study.get_trials()
+    assert queue.free_slots(trials, 3, source_trial=7) == [0]
+    assert queue.free_slots(trials, 3, source_trial=8) == [0, 1, 2]  # another source has its own slots
+    assert queue.free_slots(trials, 5, source_trial=7) == [0, 3, 4]  # raising replicates adds slots
+
+
+def test_claim_takes_lowest_slot_first_and_honours_generations():
+    storage, study = fresh()
+    for s in (3, 0, 2, 1):
+        queue.enqueue(study, s)
+    ready = queue.generation_ready(2)
+    a, b = queue.claim(study, ready), queue.claim(study, ready)
+    assert (queue.slot(a), queue.slot(b)) == (0, 1)
+    assert queue.claim(study, ready) is None  # slots 2, 3 wait for slots 0, 1 to end
+    finish(study, a, 1.0)
+    assert queue.claim(study, ready) is None
+    queue.interrupt(storage, b._trial_id, "killed")  # an interrupted slot has not ended
+    assert queue.claim(study, ready) is None
+    queue.enqueue(study, 1)
+    c = queue.claim(study, ready)
+    assert queue.slot(c) == 1
+    finish(study, c, 2.0)
+    assert queue.slot(queue.claim(study, ready)) == 2
+
+
+def test_a_duplicate_slot_is_closed_not_run():
+    """A retried enqueue whose first attempt reached the database leaves two trials for one slot."""
+    storage, study = fresh()
+    queue.enqueue(study, 0)
+    queue.enqueue(study, 0)
+    first = queue.claim(study)
+    assert queue.claim(study) is None  # the duplicate is closed as interrupted
+    finish(study, first, 1.0)
+    trials = study.get_trials()
+    assert [queue.counted(t) for t in trials] == [True, False]
+    assert "duplicate" in trials[1].user_attrs["interrupted"]
+
+
+def test_best_trial_ties_go_to_the_lowest_number():
+    storage, study = fresh(3)
+    for v in (2.0, 1.0, 1.0):
+        finish(study, queue.claim(study), v)
+    assert queue.best_trial(study.get_trials(), "minimize").number == 1
+    assert queue.best_trial(study.get_trials(), "maximize").number == 0

@@ -1,0 +1,123 @@
+"""`rnnbench status` and the launcher's trial lines, on an Optuna journal whose trials are written by
+hand (the launcher's own prepare and top-up, then claims and ends as a worker would make them; no
+training, no MLflow), so that the states and errors are exactly the ones asked for."""
+
+import re
+import time
+
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
+
+from conftest import TINY, rnnbench
+from studies import queue
+from studies import spec as specs
+from studies.launcher import top_up
+from studies.progress import Display, last_errors, trial_line
+
+ERROR = "Divergence: objective loss is nan at step 20"
+
+
+def fake_study(tmp_path, fail_slot=1):
+    """The tiny study with every search trial ended: COMPLETE, except ``fail_slot`` of the first cell,
+    FAIL with ``ERROR``, and slot 0 of the second, interrupted."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    spec, _, _ = specs.load(path)
+    root = tmp_path / "runs"
+    root.mkdir()
+    storage = JournalStorage(JournalFileBackend(str(root / "optuna.journal")))
+    queue.prepare_studies(spec, storage)
+    top_up(spec, storage)
+    for i, row in enumerate(queue.progress(spec, storage)):
+        for t in row.search_trials:
+            end(storage, t, i, fail_slot)
+    return spec, path, root, storage
+
+
+def end(storage, t, cell_index, fail_slot):
+    tid = queue.trial_id(t)
+    storage.set_trial_state_values(tid, TrialState.RUNNING)
+    queue.record(storage, tid, "host:1", time.time())
+    if cell_index == 0 and queue.slot(t) == fail_slot:
+        queue.set_attr(storage, tid, "error", ERROR)
+        storage.set_trial_state_values(tid, TrialState.FAIL)
+    elif cell_index == 1 and queue.slot(t) == 0:
+        queue.interrupt(storage, tid, "worker host:1 died")
+    else:
+        storage.set_trial_state_values(tid, TrialState.COMPLETE, values=[0.5 - 0.1 * queue.slot(t)])
+
+
+def test_status_shows_the_last_error_of_each_failing_cell(tmp_path):
+    spec, path, root, _ = fake_study(tmp_path)
+    out = rnnbench("status", path, "--root", root).stdout
+    first = specs.cells(spec)[0].key
+    assert "last error of each cell with failed trials" in out
+    line = next(l for l in out.splitlines() if ERROR in l)
+    assert line.split()[0] == first and "search slot 1" in line
+    assert "died" not in out  # an interrupted trial is not a failure: a replacement is queued
+    assert sum(ERROR in l for l in out.splitlines()) == 1
+
+
+def test_status_of_a_study_without_failures_has_no_error_section(tmp_path):
+    _, path, root, storage = fake_study(tmp_path, fail_slot=None)
+    assert "last error" not in rnnbench("status", path, "--root", root).stdout
+
+
+def test_status_without_a_store_is_a_one_line_error(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    proc = rnnbench("status", path, "--root", tmp_path / "nothing", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no study store here yet" in proc.stderr
+
+
+def test_last_error_is_the_latest_failure_of_the_cell(tmp_path):
+    spec, _, _, storage = fake_study(tmp_path)
+    rows = queue.progress(spec, storage)
+    # a second failure in the first cell, later: a replicate
+    replicate = queue.open_study(storage, queue.optuna_name(spec, rows[0].cell, "replicate"))
+    queue.enqueue(replicate, 0, {"lr": 1e-3}, source_trial=0)
+    t = queue.claim(replicate)
+    queue.set_attr(storage, queue.trial_id(t), "error", "RuntimeError: later")
+    storage.set_trial_state_values(queue.trial_id(t), TrialState.FAIL)
+    errors = last_errors(queue.progress(spec, storage))
+    assert [(r.cell.key, kind, t.user_attrs["error"]) for r, kind, t in errors] == [
+        (rows[0].cell.key, "replicate", "RuntimeError: later")]
+
+
+def test_display_prints_one_line_per_ended_trial(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    spec, _, _ = specs.load(path)
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    queue.prepare_studies(spec, storage)
+    top_up(spec, storage)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+    with Display(spec, interval=3600) as display:
+        rows = queue.progress(spec, storage)
+        end(storage, rows[0].search_trials[0], 0, fail_slot=None)  # ended before the launcher's first look
+        display.update(queue.progress(spec, storage))
+        first = capsys.readouterr().out
+        display.update(queue.progress(spec, storage))
+        assert capsys.readouterr().out == ""  # nothing new: nothing printed
+        for t in rows[0].search_trials[1:] + rows[1].search_trials:
+            end(storage, t, 0 if t in rows[0].search_trials else 1, fail_slot=1)
+        display.update(queue.progress(spec, storage))
+        lines = capsys.readouterr().out.splitlines()
+    assert "1 trials had ended before this run" in first and rows[0].cell.key not in first
+    trial_lines = [l for l in lines if "slot" in l]
+    assert len(trial_lines) == len(rows[0].search_trials) - 1 + len(rows[1].search_trials)
+    fail = next(l for l in trial_lines if "FAIL" in l)
+    assert rows[0].cell.key in fail and "search" in fail and "slot   1" in fail and ERROR in fail
+    interrupted = next(l for l in trial_lines if "INTERRUPTED" in l)
+    assert rows[1].cell.key in interrupted and "worker host:1 died" in interrupted
+    assert all(re.search(r"\d+\.\d s", l) for l in trial_lines)  # seconds
+
+
+def test_trial_line_fields(tmp_path):
+    spec, _, _, storage = fake_study(tmp_path)
+    t = next(t for t in queue.progress(spec, storage)[0].search_trials if t.state == TrialState.COMPLETE)
+    line = trial_line("adding(seq_len=8)/rnn", "search", t, "loss", cell_width=30)
+    cell, kind, _, slot_, state, metric, value, seconds, unit = line.split()
+    assert (cell, kind, int(slot_), state, metric, float(value), unit) == (
+        "adding(seq_len=8)/rnn", "search", queue.slot(t), "COMPLETE", "loss", t.value, "s")
+    assert float(seconds) >= 0
