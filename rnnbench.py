@@ -3,6 +3,7 @@
     rnnbench run SPEC [--root DIR] [--workers N]     run (or resume) a study
     rnnbench plan SPEC [--workers N]                 check a study, estimate its cost; runs nothing
     rnnbench worker SPEC [--storage URL ...]         an extra worker, e.g. on another machine
+    rnnbench slurm SPEC --workers N --storage URL ...  workers as a Slurm array job (sbatch script)
     rnnbench status SPEC                             trials per cell
     rnnbench report STUDY | --from DIR --out DIR     tables, statistics, figures, index.html
     rnnbench dashboard [--optuna]                    the MLflow UI (and optuna-dashboard) over the store
@@ -27,6 +28,13 @@ STORAGE = click.option("--storage", default=None, metavar="URL",
                        help="Optuna RDB storage shared by several machines, e.g. postgresql://user@host/db.")
 TRACKING = click.option("--tracking-uri", default=None, metavar="URI",
                         help="MLflow tracking server shared by several machines, e.g. http://host:5000.")
+DEVICE = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                      help="Where workers train: auto = cuda when torch sees a GPU, else cpu.")
+STALE_AFTER = click.option("--stale-after", type=float, default=900, show_default=True,
+                           help="Seconds without a heartbeat after which a worker's trial is closed as interrupted.")
+SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                   help="Override a field of the study file, VALUE read as YAML (repeatable): train.steps=200, "
+                        "tasks[0].seq_len=[10,20]. Workers of the study need the same --set.")
 THREADS = click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
                        help="torch threads per worker.")
 
@@ -100,6 +108,15 @@ def _debug() -> bool:
     return bool(ctx and ctx.find_root().params.get("debug"))
 
 
+def _device(name: str) -> str:
+    """Check a --device value at once (one line if this machine has no such device)."""
+    from studies.training import resolve_device
+    try:
+        return str(resolve_device(name))
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"--device: {e}") from None
+
+
 def _store(root, storage=None, tracking_uri=None):
     from studies.store import Store
     return Store(root, storage, tracking_uri)
@@ -108,39 +125,51 @@ def _store(root, storage=None, tracking_uri=None):
 @cli.command()
 @click.argument("spec")
 @ROOT
-@click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="Worker processes.")
+@click.option("--workers", type=click.IntRange(0), default=1, show_default=True,
+              help="Worker processes on this machine; 0: only coordinate (workers run elsewhere).")
 @THREADS
 @STORAGE
 @TRACKING
-@click.option("--stale-after", type=float, default=900, show_default=True,
-              help="Seconds without a heartbeat after which a remote worker's trial is closed as interrupted.")
+@STALE_AFTER
+@DEVICE
+@SET
+@click.option("--retry-stopped", is_flag=True,
+              help="Run again the cells stopped because their first trials all failed with the same error.")
 @user_errors
-def run(spec, root, workers, threads, storage, tracking_uri, stale_after):
+def run(spec, root, workers, threads, storage, tracking_uri, stale_after, device, overrides, retry_stopped):
     """Run (or resume) the study in SPEC: a study file, or the name of a shipped one (e.g. quickstart)."""
     from studies import spec as specs
     from studies.launcher import run_study
     from studies.progress import Display
 
-    parsed, path, sha = specs.load(spec)
+    parsed, path, sha = specs.load(spec, overrides)
     store = _store(root, storage, tracking_uri)
+    _device(device)  # before anything is written
     click.echo(f"study {parsed.name}: {len(specs.cells(parsed))} cells x {parsed.trials} trials "
                f"(+{parsed.replicates} replicates each), {workers} worker(s), store {store.root}")
     try:
         with Display(parsed) as display:
             rows = run_study(parsed, path, sha, store, workers=workers, threads=threads, stale_after=stale_after,
-                             on_progress=display.update)
+                             on_progress=display.update, device=_device(device), retry_stopped=retry_stopped)
     except KeyboardInterrupt:
         click.echo("stopped: the trials in hand were closed as interrupted; run the same command to resume", err=True)
         sys.exit(130)
     failed = sum(r.search["FAIL"] - r.search["interrupted"] + r.replicate["FAIL"] - r.replicate["interrupted"]
                  for r in rows)
-    click.echo(f"done: {parsed.name}" + (f" ({failed} failed trials; see `rnnbench status`)" if failed else ""))
+    stopped = [r.cell.key for r in rows if r.stopped is not None]
+    if not stopped:
+        click.echo(f"done: {parsed.name}" + (f" ({failed} failed trials; see `rnnbench status`)" if failed else ""))
     where = f"--storage {storage} --tracking-uri {tracking_uri}" if storage else f"--root {root}"
     if tracking_uri and not storage:
         where += f" --tracking-uri {tracking_uri}"
     click.echo(f"report:    rnnbench report {parsed.name} {where}")
     click.echo(f"dashboard: {tracking_uri}" if tracking_uri and tracking_uri.startswith("http")
                else f"dashboard: rnnbench dashboard {where}")
+    if stopped:
+        click.echo(f"study {parsed.name} did not complete: {len(stopped)} cell(s) stopped, their first trials all "
+                   f"failed with the same error ({', '.join(stopped)}); see `rnnbench status`, fix the cause, then "
+                   f"rerun with --retry-stopped")
+        sys.exit(1)
 
 
 @cli.command()
@@ -148,15 +177,16 @@ def run(spec, root, workers, threads, storage, tracking_uri, stale_after):
 @ROOT
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Worker processes the estimate is for (as `rnnbench run --workers`).")
+@SET
 @user_errors
-def plan(spec, root, workers):
+def plan(spec, root, workers, overrides):
     """Check SPEC and estimate its cost without running it: cells, parameter counts, runs, and wall time
     for --workers, from a short calibration on this machine (cached in ROOT/plan-cache.json, the only file
     it writes)."""
     from studies import spec as specs
     from studies.plan import estimate, format_plan
 
-    parsed, path, _ = specs.load(spec)
+    parsed, path, _ = specs.load(spec, overrides)
     click.echo(f"study {parsed.name} ({path}): valid")
     click.echo(format_plan(estimate(parsed, root, workers)))
 
@@ -167,15 +197,22 @@ def plan(spec, root, workers):
 @THREADS
 @STORAGE
 @TRACKING
+@STALE_AFTER
+@DEVICE
+@click.option("--worker-id", default=None, metavar="NAME",
+              help="How this worker is named on its trials (NAME:pid) instead of the hostname: give one where "
+                   "machines share a hostname (containers).")
+@SET
 @user_errors
-def worker(spec, root, threads, storage, tracking_uri):
+def worker(spec, root, threads, storage, tracking_uri, stale_after, device, worker_id, overrides):
     """Run trials of a study prepared by `rnnbench run` until it is done (start more on other machines)."""
     from studies import spec as specs
     from studies.worker import run_worker
 
-    parsed, _, sha = specs.load(spec)
+    parsed, _, sha = specs.load(spec, overrides)
     try:
-        n = run_worker(parsed, sha, _store(root, storage, tracking_uri), threads)
+        n = run_worker(parsed, sha, _store(root, storage, tracking_uri), threads, stale_after=stale_after,
+                       device=_device(device), worker_id=worker_id)
     except KeyboardInterrupt:
         click.echo("worker stopped; its trial in hand was closed as interrupted", err=True)
         sys.exit(130)
@@ -184,16 +221,102 @@ def worker(spec, root, threads, storage, tracking_uri):
 
 @cli.command()
 @click.argument("spec")
+@click.option("--workers", type=int, required=True, help="Array tasks, one worker each.")
+@STORAGE
+@TRACKING
+@click.option("--time", "time_limit", default=None, metavar="HH:MM:SS",
+              help="Time limit of each task (sbatch --time). Default: the partition's.")
+@click.option("--partition", default=None, metavar="P", help="Slurm partition. Default: the cluster's.")
+@click.option("--cpus-per-task", type=int, default=1, show_default=True,
+              help="CPUs of each task; also the worker's torch --threads.")
+@click.option("--mem", default=None, metavar="M", help="Memory of each task (sbatch --mem, e.g. 4G).")
+@click.option("--python", default=None, metavar="PATH",
+              help="The interpreter (with rnnbench installed) the tasks run. Default: this one.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
+              help="The script, the tasks' Slurm logs and their roots go to ROOT/slurm/STUDY/ (on a filesystem "
+                   "the compute nodes share).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="Where to write the script. Default: ROOT/slurm/STUDY/STUDY.sbatch.")
+@click.option("--stale-after", type=float, default=None, metavar="SECONDS",
+              help="The workers' --stale-after; give the coordinator's. Default: the worker's (900).")
+@click.option("--submit", is_flag=True, help="Also submit it with sbatch and print the job id.")
+@user_errors
+def slurm(spec, workers, storage, tracking_uri, time_limit, partition, cpus_per_task, mem, python, root, out,
+          stale_after, submit):
+    """Write an sbatch script running --workers workers of SPEC as a Slurm array job (and --submit it).
+
+    The study's coordinator runs outside the job: `rnnbench run SPEC --workers 0` with the same --storage
+    and --tracking-uri (on the login node, say): it prepares the study and keeps its queue. The tasks wait
+    until the study is prepared, and exit when every cell is done. See docs/distributed.md.
+    """
+    import re
+    import shlex
+    import subprocess
+
+    from studies import spec as specs
+    from studies.slurm import check_stores, sbatch_script
+
+    try:
+        check_stores(storage, tracking_uri)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if workers < 1:
+        raise UserError(f"--workers {workers}: an array job needs at least 1 task")
+    parsed, path, _ = specs.load(spec)  # a mistake in the study file is refused now, not on the nodes
+    folder = (root / "slurm" / parsed.name).absolute()
+    out = (out or folder / f"{parsed.name}.sbatch").absolute()
+    try:
+        text = sbatch_script(path.absolute(), parsed.name, workers=workers, storage=storage,
+                             tracking_uri=tracking_uri, folder=folder,
+                             python=str(Path(python or sys.executable).absolute()), workdir=Path.cwd(),
+                             time=time_limit, partition=partition, cpus_per_task=cpus_per_task, mem=mem,
+                             stale_after=stale_after)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    folder.mkdir(parents=True, exist_ok=True)  # sbatch does not create the folder of --output
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.chmod(0o600)  # the storage URL may hold a password
+    for name, url in (("--storage", storage), ("--tracking-uri", tracking_uri)):
+        host = url.split("@")[-1].split("://")[-1].split("/")[0].rsplit(":", 1)[0]
+        if host in ("localhost", "127.0.0.1", "[::1]"):
+            click.echo(f"note: {name} names {host}: every compute node must reach the server at that address "
+                       "(a one-node cluster, or a tunnel on each node)", err=True)
+    shown = re.sub(r"(://[^:/@]+):[^@/]+@", r"\1:***@", storage)  # no password on the terminal
+    click.echo(f"wrote {out}: {workers} worker(s) of study {parsed.name} as a Slurm array job")
+    click.echo("the coordinator (it prepares the study and keeps its queue), on a machine that stays up:")
+    click.echo(f"  rnnbench run {shlex.quote(str(path))} --workers 0 --storage {shlex.quote(shown)} "
+               f"--tracking-uri {shlex.quote(tracking_uri)}"
+               + (f" --stale-after {stale_after:g}" if stale_after is not None else ""))
+    if not submit:
+        click.echo(f"submit: sbatch {shlex.quote(str(out))}")
+        return
+    try:
+        proc = subprocess.run(["sbatch", "--parsable", str(out)], capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise UserError(f"sbatch is not on PATH: submit {out} from a machine of the cluster") from None
+    if proc.returncode != 0:
+        said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        raise UserError(f"sbatch {out} exited {proc.returncode}: {said[-1] if said else 'no message'}")
+    job = proc.stdout.strip().split(";")[0]
+    click.echo(f"submitted job {job}: tasks 0-{workers - 1}, logs {folder}/rnnbench-{parsed.name}-{job}_N.out")
+    click.echo(f"watch: squeue -j {job}   stop: scancel {job}")
+
+
+@cli.command()
+@click.argument("spec")
 @ROOT
 @STORAGE
+@SET
 @user_errors
-def status(spec, root, storage):
-    """Trials finished/pruned/failed/running per cell, best objective, replication progress."""
+def status(spec, root, storage, overrides):
+    """Trials finished/pruned/failed/running per cell, best objective, replication progress. SPEC: a study
+    file or a shipped study's name, with the --set the study was run with."""
     from studies import spec as specs
     from studies.queue import progress
     from studies.progress import status_table
 
-    parsed, _, _ = specs.load(spec)
+    parsed, _, _ = specs.load(spec, overrides)
     if storage:
         optuna_storage = _store(root, storage).optuna_storage()
     else:  # the journal alone: studies.store would import MLflow, most of this command's time
@@ -233,7 +356,12 @@ def report(study, root, storage, tracking_uri, source, out, reference, watch, in
     rnnbench report STUDY [--root DIR]        collect from MLflow + Optuna, write ROOT/reports/STUDY/
     rnnbench report --from TABLE --out DIR    redraw everything from a saved report, byte for byte
     rnnbench report STUDY --watch             the same, every 10 s, served at http://127.0.0.1:8050/
+
+    STUDY: a study's name in the store, a study file, or a shipped study's name (its `name` is used).
     """
+    if study is not None:
+        from studies.spec import study_name
+        study = study_name(study)
     if watch:
         if study is None or source is not None:
             raise UserError("--watch follows a study as it runs: give a STUDY name, not --from")

@@ -25,9 +25,10 @@ from studies.crash import crash_point
 from studies.spec import Cell, Spec, cells
 from studies.store import Store, pid_alive
 from studies.tracking import close_run, describe_experiment, finish_parents, parent_runs, reconcile_runs
-from studies.worker import LAUNCHER_PID
 
 CLAIM_GRACE = 60.0  # seconds a claimed trial may go without its worker recorded on it
+START_GRACE = 2.0  # the same, for a launcher starting on the embedded store
+LAUNCHER_PID = "RNNBENCH_LAUNCHER_PID"  # set in the environment of the workers a launcher starts
 
 
 class WorkersDying(RuntimeError):
@@ -60,6 +61,8 @@ def top_up(spec: Spec, storage, rows: list[queue.CellProgress] | None = None) ->
     for every free replicate slot of its best trial. ``rows``: this moment's progress, if known."""
     for row in rows if rows is not None else queue.progress(spec, storage):
         cell = row.cell
+        if row.stopped is not None:
+            continue
         free = queue.free_slots(row.search_trials, spec.trials)
         if free:
             search = queue.open_study(storage, queue.optuna_name(spec, cell, "search"))
@@ -76,17 +79,28 @@ def top_up(spec: Spec, storage, rows: list[queue.CellProgress] | None = None) ->
                 crash_point("launcher.enqueued_replicate")
 
 
-def why_dead(t, host: str, now: float, stale_after: float, all_dead: bool) -> str | None:
+def stop_failing(spec: Spec, storage, rows: list[queue.CellProgress]) -> list[queue.CellProgress]:
+    """Stop every cell whose first trials all failed alike (``queue.stop_reason``); returns the rows,
+    those cells marked stopped."""
+    for row in rows:
+        reason = queue.stop_reason(row)
+        if reason is not None:
+            queue.stop(spec, storage, row, reason)
+        elif row.stopped is not None and any(t.state == queue.TrialState.WAITING for t in row.search_trials):
+            queue.stop(spec, storage, row, row.stopped)  # a stop cut short (kill -9): close what it left
+    return rows
+
+
+def why_dead(t, host: str, now: float, stale_after: float, claim_grace: float) -> str | None:
     """Why a RUNNING trial's worker must be taken as gone, or None if it may be alive."""
     if "interrupted" in t.user_attrs:  # a reaper died between marking and closing it
         return t.user_attrs["interrupted"]
     worker = t.user_attrs.get("worker")
-    if all_dead:
-        return f"worker {worker or '?'} is gone (the study was restarted)"
     started = t.datetime_start.timestamp() if t.datetime_start else now
-    if worker is None:
-        grace = min(CLAIM_GRACE, stale_after)
-        return f"claimed {now - started:.0f} s ago by a worker that never recorded itself" if now - started > grace else None
+    if worker is None:  # a worker records itself right after claiming: milliseconds
+        if now - started > claim_grace:
+            return f"claimed {now - started:.0f} s ago by a worker that never recorded itself"
+        return None
     whost, _, pid = worker.rpartition(":")
     if whost == host and (not pid.isdigit() or not pid_alive(int(pid))):
         return f"worker {worker} died"
@@ -96,16 +110,17 @@ def why_dead(t, host: str, now: float, stale_after: float, all_dead: bool) -> st
     return None
 
 
-def reap(spec: Spec, storage, client, exp_id: str, stale_after: float, all_dead: bool = False) -> int:
-    """Close the trials whose worker is gone (see :func:`why_dead`); ``all_dead``: every RUNNING trial
-    (an embedded store at start, under the root's lock: no worker of an earlier run is alive).
-    Then close the MLflow runs such deaths left RUNNING. Returns how many trials were closed."""
+def reap(spec: Spec, storage, client, exp_id: str, stale_after: float, claim_grace: float | None = None) -> int:
+    """Close the trials whose worker is gone (see :func:`why_dead`), then the MLflow runs such deaths left
+    RUNNING. ``claim_grace``: seconds a claimed trial may wait for its worker to record itself (default
+    ``min(CLAIM_GRACE, stale_after)``). Returns how many trials were closed."""
+    claim_grace = min(CLAIM_GRACE, stale_after) if claim_grace is None else claim_grace
     host, now, n = socket.gethostname(), time.time(), 0
     for row in queue.progress(spec, storage):
         for t in row.search_trials + row.replicate_trials:
             if t.state != queue.TrialState.RUNNING:
                 continue
-            reason = why_dead(t, host, now, stale_after, all_dead)
+            reason = why_dead(t, host, now, stale_after, claim_grace)
             if reason is None or not queue.interrupt(storage, queue.trial_id(t), reason):
                 continue
             crash_point("launcher.reaped")
@@ -116,9 +131,25 @@ def reap(spec: Spec, storage, client, exp_id: str, stale_after: float, all_dead:
     return n
 
 
-def worker_command(spec_path: Path, store: Store, threads: int) -> list[str]:
+def finish(spec: Spec, storage, client, exp_id: str, only_running: bool = False) -> list[queue.CellProgress]:
+    """Close each cell's parent run with its summary (``only_running``: those still RUNNING, when a worker
+    finishes a study whose launcher is gone), and any trial run left RUNNING. Returns the final progress."""
+    rows = queue.progress(spec, storage)
+    parents = {r.cell.key: queue.open_study(storage, queue.optuna_name(spec, r.cell, "search")).user_attrs.get(
+        "mlflow_parent_run_id") for r in rows}
+    if only_running:
+        parents = {k: v for k, v in parents.items() if v and client.get_run(v).info.status == "RUNNING"}
+    finish_parents(client, rows, parents)
+    reconcile_runs(storage, client, exp_id)
+    return rows
+
+
+def worker_command(spec_path: Path, store: Store, threads: int, stale_after: float, device: str,
+                   spec_overrides: tuple[str, ...] = ()) -> list[str]:
+    """The command line of a worker of this launcher (with the study file's ``--set`` overrides)."""
     cmd = [sys.executable, "-m", "rnnbench", "worker", str(spec_path), "--root", str(store.root),
-           "--threads", str(threads)]
+           "--threads", str(threads), "--stale-after", str(stale_after), "--device", device]
+    cmd += [arg for override in spec_overrides for arg in ("--set", override)]
     if store.storage_url:
         cmd += ["--storage", store.storage_url]
     if store.tracking:
@@ -131,10 +162,13 @@ def _stop(signum, frame):
 
 
 def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers: int = 1, threads: int = 1,
-              stale_after: float = 900.0, on_progress=None, poll: float = 1.0) -> list[queue.CellProgress]:
+              stale_after: float = 900.0, on_progress=None, poll: float = 1.0, device: str = "auto",
+              retry_stopped: bool = False) -> list[queue.CellProgress]:
     """Prepare the study, start ``workers`` worker processes, keep the queue topped up, wait for the end.
 
-    ``on_progress(rows)`` is called every ``poll`` seconds. Returns the final progress rows.
+    ``on_progress(rows)`` is called every ``poll`` seconds. A cell whose first trials all fail alike is
+    stopped (:func:`stop_failing`) and counts as done; ``retry_stopped`` clears that mark first. Returns
+    the final progress rows.
     """
     lock_fd = store.lock()
     procs: list[subprocess.Popen] = []
@@ -143,8 +177,12 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
         if not store.distributed:
             store.repair_journal()
         storage, client = store.optuna_storage(), store.mlflow_client()
-        exp_id, parents = prepare(spec, spec_path.read_text(), store, storage, client)
-        reap(spec, storage, client, exp_id, stale_after, all_dead=not store.distributed)
+        exp_id, _ = prepare(spec, spec.text, store, storage, client)
+        if retry_stopped:
+            queue.retry_stopped(spec, storage)
+        # A claim recorded by nobody for seconds on the embedded store is dead: local processes record
+        # theirs within milliseconds (a standalone `rnnbench worker` on this root keeps its live trials).
+        reap(spec, storage, client, exp_id, stale_after, claim_grace=None if store.distributed else START_GRACE)
         top_up(spec, storage)
         logs = store.logs_dir()
         restarts = 0
@@ -152,13 +190,14 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
 
         def start(i):
             log = open(logs / f"worker-{i}.log", "ab")
-            return subprocess.Popen(worker_command(spec_path, store, threads), stdout=log, stderr=subprocess.STDOUT,
+            return subprocess.Popen(worker_command(spec_path, store, threads, stale_after, device, spec.overrides),
+                                    stdout=log, stderr=subprocess.STDOUT,
                                     pass_fds=(lock_fd,), env=env)
 
         procs = [start(i) for i in range(workers)]
         last_reap = time.monotonic()
         while True:
-            rows = queue.progress(spec, storage)
+            rows = stop_failing(spec, storage, queue.progress(spec, storage))
             if on_progress:
                 on_progress(rows)
             done = all(r.done() for r in rows)
@@ -178,10 +217,7 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
                 last_reap = time.monotonic()
             top_up(spec, storage, rows)
             time.sleep(poll)
-        rows = queue.progress(spec, storage)
-        finish_parents(client, rows, parents)
-        reconcile_runs(storage, client, exp_id)
-        return rows
+        return finish(spec, storage, client, exp_id)
     finally:
         for p in procs:
             if p.poll() is None:

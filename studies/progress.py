@@ -13,16 +13,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from studies.queue import ENDED, CellProgress, interrupted, slot
+from studies.queue import ENDED, STOP_AFTER, CellProgress, interrupted, slot
 from studies.spec import Spec
 
 ERROR_WIDTH = 300  # characters of an error message shown; MLflow's error.txt has the traceback
 
 
 def _counts(spec: Spec, rows: list[CellProgress]) -> tuple[int, int, int, int]:
-    total = sum(spec.trials + r.replicates_wanted() for r in rows)
-    ended = sum(min(r.search["counted"], spec.trials) + min(r.replicate["counted"], r.replicates_wanted())
-                for r in rows)
+    ended_by_row = [min(r.search["counted"], spec.trials) + min(r.replicate["counted"], r.replicates_wanted())
+                    for r in rows]
+    # A stopped cell runs no more trials: its total is what it ran.
+    total = sum(e if r.stopped is not None else spec.trials + r.replicates_wanted() for r, e in zip(rows, ended_by_row))
+    ended = sum(ended_by_row)
     running = sum(r.search["RUNNING"] + r.replicate["RUNNING"] for r in rows)
     cells_done = sum(r.done() for r in rows)
     return total, ended, running, cells_done
@@ -64,6 +66,7 @@ class Display:
         self.live = sys.stdout.isatty()
         self.last, self.last_line = None, 0.0
         self.reported: set[tuple[str, str, int]] | None = None  # (cell, kind, trial number) already shown
+        self.stopped: set[str] = set()  # cells whose stop was shown
 
     def __enter__(self):
         if self.live:
@@ -75,6 +78,10 @@ class Display:
 
     def update(self, rows: list[CellProgress]) -> None:
         self._log_ended(rows)
+        for r in rows:
+            if r.stopped is not None and r.cell.key not in self.stopped:
+                self.stopped.add(r.cell.key)
+                self._print(stopped_line(r))
         total, ended, running, cells_done = _counts(self.spec, rows)
         text = f"cells {cells_done}/{len(rows)}, running {running}"
         state = (ended, cells_done)
@@ -107,6 +114,10 @@ class Display:
             self.bar.stop()
 
 
+def stopped_line(r: CellProgress) -> str:
+    return f"cell {r.cell.key} stopped: its first {STOP_AFTER} trials failed with: {_short(str(r.stopped))}"
+
+
 def last_errors(rows: list[CellProgress]) -> list[tuple[CellProgress, str, FrozenTrial]]:
     """Each cell with failed trials (not interrupted ones): (row, kind, its last failed trial)."""
     out = []
@@ -125,7 +136,8 @@ def status_table(spec: Spec, rows: list[CellProgress]) -> None:
         table.add_column(col, justify="left" if col == "cell" else "right")
     for r in rows:
         s = r.search
-        table.add_row(r.cell.key, str(s["COMPLETE"]), str(s["PRUNED"]), str(s["FAIL"] - s["interrupted"]),
+        key = r.cell.key + (" (stopped)" if r.stopped is not None else "")
+        table.add_row(key, str(s["COMPLETE"]), str(s["PRUNED"]), str(s["FAIL"] - s["interrupted"]),
                       str(s["interrupted"]), str(s["RUNNING"] + r.replicate["RUNNING"]),
                       str(s["WAITING"] + r.replicate["WAITING"]),
                       "-" if r.best is None else f"{r.best.value:.4g}",
@@ -133,7 +145,15 @@ def status_table(spec: Spec, rows: list[CellProgress]) -> None:
                       + (f" (+{r.superseded} superseded)" if r.superseded else ""))
     total, ended, running, cells_done = _counts(spec, rows)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
-    print(f"{ended}/{total} trials ended, {running} running, {cells_done}/{len(rows)} cells done")
+    stopped = [r for r in rows if r.stopped is not None]
+    print(f"{ended}/{total} trials ended, {running} running, {cells_done}/{len(rows)} cells done"
+          + (f" ({len(stopped)} stopped)" if stopped else ""))
+    if stopped:
+        print(f"\nstopped cells (their first {STOP_AFTER} trials failed with the same error; fix the cause, then "
+              f"`rnnbench run SPEC --retry-stopped`):")
+        width = max(len(r.cell.key) for r in stopped)
+        for r in stopped:
+            print(f"  {r.cell.key:<{width}}  stopped: {_short(str(r.stopped))}")
     errors = last_errors(rows)
     if errors:
         print("\nlast error of each cell with failed trials (the traceback: error.txt in the trial's MLflow run):")

@@ -28,6 +28,11 @@ COMPLETE or PRUNED in between (its worker was faster than the reaper) stays coun
 FAIL trial with the attribute is interrupted. A process killed between the two writes leaves a
 RUNNING trial marked ``interrupted``: the next reap finishes the job.
 
+A cell whose first ``STOP_AFTER`` search trials (by slot) all FAIL with the same error (:func:`stop_reason`)
+is *stopped* by the launcher: its search study gets the user attribute ``stopped`` (the error), its WAITING
+trials are interrupted and no more are enqueued; it counts as done. :func:`retry_stopped` clears the mark;
+the check then looks at the trials created after it only.
+
 Generations make search results independent of the number of workers: the trial in slot ``s`` may
 only be claimed once every slot below ``g * (s // g)`` has ended (``g`` = the study file's
 ``generation``), and its sampler and pruner see exactly those trials, in slot order.
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from collections.abc import Callable, Container
 from dataclasses import dataclass
@@ -265,6 +271,8 @@ class CellProgress:
     trials: int  # the study file's trials and replicates per cell
     replicates: int
     best: FrozenTrial | None
+    stopped: str | None = None  # the error its first trials failed with (see stop_reason)
+    stop_check_from: int = 0  # trial number from which stop_reason looks (set by retry_stopped)
 
     @property
     def search(self) -> dict[str, int]:
@@ -293,6 +301,8 @@ class CellProgress:
         return self.replicates if self.best is not None or not self.search_done else 0
 
     def done(self) -> bool:
+        if self.stopped is not None:
+            return True
         if not self.search_done:
             return False
         if self.best is None or self.replicates == 0:
@@ -303,15 +313,96 @@ class CellProgress:
 def progress(spec: Spec, storage) -> list[CellProgress]:
     rows = []
     for cell in cells(spec):
-        trials = {}
+        trials, attrs = {}, {}
         for kind in KINDS:
             try:
-                trials[kind] = open_study(storage, optuna_name(spec, cell, kind)).get_trials(deepcopy=False)
+                study = open_study(storage, optuna_name(spec, cell, kind))
             except KeyError:  # not prepared yet
                 trials[kind] = []
+                continue
+            trials[kind] = study.get_trials(deepcopy=False)
+            if kind == "search":
+                attrs = study.user_attrs
         best = best_trial(trials["search"], spec.objective.direction)
-        rows.append(CellProgress(cell, trials["search"], trials["replicate"], spec.trials, spec.replicates, best))
+        rows.append(CellProgress(cell, trials["search"], trials["replicate"], spec.trials, spec.replicates, best,
+                                 attrs.get("stopped"), int(attrs.get("stop_check_from") or 0)))
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping a cell whose trials all fail alike
+# --------------------------------------------------------------------------------------------------
+
+STOP_AFTER = 3  # a cell whose first this many search trials fail with the same error is stopped
+_NUMBER = re.compile(r"\b(?:nan|inf)\b|[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def error_kind(message: str) -> str:
+    """An error message with its numbers masked: ``Divergence: training loss became nan at step 3`` and
+    ``... became inf at step 1`` are the same error."""
+    return _NUMBER.sub("#", message)
+
+
+def stop_reason(row: CellProgress) -> str | None:
+    """The error to stop ``row``'s cell with: its first ``STOP_AFTER`` search slots (among the trials
+    numbered from ``row.stop_check_from``) have ended, all FAIL with one :func:`error_kind` of error.
+    None if not (or if the search has ended anyway, or the cell is stopped already). Slots, not the order
+    in which trials ended, decide: the same trials stop a cell whatever the number of workers."""
+    if row.stopped is not None or row.search_done:
+        return None
+    return failing_alike(row.search_trials, row.stop_check_from)
+
+
+def failing_alike(trials: list[FrozenTrial], check_from: int = 0) -> str | None:
+    """:func:`stop_reason` on a search study's trials: the error, if the first ``STOP_AFTER`` slots held by
+    trials numbered from ``check_from`` have ended, all FAIL with one :func:`error_kind` of error."""
+    mine = [t for t in trials if t.number >= check_from and holds(t)]
+    first = sorted({slot(t) for t in mine})[:STOP_AFTER]
+    if len(first) < STOP_AFTER:
+        return None
+    ended = [next((t for t in mine if slot(t) == s and counted(t)), None) for s in first]
+    if any(t is None or t.state != TrialState.FAIL or "error" not in t.user_attrs for t in ended):
+        return None
+    errors = [str(t.user_attrs["error"]) for t in ended]
+    return errors[0] if len({error_kind(e) for e in errors}) == 1 else None
+
+
+def not_failing_alike(study: optuna.Study) -> Callable[[FrozenTrial, list[FrozenTrial]], bool]:
+    """A ``claim`` rule for search trials: none while the cell's trials fail alike (the launcher is about to
+    stop it), so a fast-failing cell does not burn its slots before the launcher looks."""
+    def ready(t: FrozenTrial, trials: list[FrozenTrial]) -> bool:
+        if failing_alike(trials) is None:  # cheap: no storage call
+            return True
+        attrs = study.user_attrs  # after --retry-stopped, the trials before it do not count
+        return attrs.get("stopped") is None and failing_alike(trials, int(attrs.get("stop_check_from") or 0)) is None
+    return ready
+
+
+def stop(spec: Spec, storage, row: CellProgress, reason: str) -> None:
+    """Mark the cell stopped and close its WAITING search trials as interrupted (not counted); trials
+    running now finish and count."""
+    study = open_study(storage, optuna_name(spec, row.cell, "search"))
+    study.set_user_attr("stopped", reason)
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.WAITING:
+            interrupt(storage, t._trial_id, f"cell stopped: its first {STOP_AFTER} trials failed with: {reason}")
+    row.stopped = reason
+
+
+def retry_stopped(spec: Spec, storage) -> list[str]:
+    """Clear the ``stopped`` mark of every stopped cell (``rnnbench run --retry-stopped``); the stop check
+    then looks only at trials created from now on. Returns the keys of the cells retried."""
+    retried = []
+    for cell in cells(spec):
+        try:
+            study = open_study(storage, optuna_name(spec, cell, "search"))
+        except KeyError:
+            continue
+        if study.user_attrs.get("stopped") is not None:
+            study.set_user_attr("stop_check_from", len(study.get_trials(deepcopy=False)))
+            study.set_user_attr("stopped", None)  # Optuna cannot delete a user attribute
+            retried.append(cell.key)
+    return retried
 
 
 class StudyChanged(RuntimeError):

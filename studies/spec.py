@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
@@ -146,6 +146,14 @@ class Train(Strict):
     optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"  # Greff et al. 2017 searched SGD with momentum
     momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
     nesterov: bool = False  # sgd only; needs momentum > 0
+    # Replicate runs of a cell trained as one population module (studies/population.py): off, auto (where
+    # the measured rule says it pays), or the most members per population. Not part of a cell's definition.
+    population: Literal["off", "auto"] | Annotated[int, Field(ge=1)] = "auto"
+
+    @field_validator("population", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v  # YAML reads `off` as false
 
     @model_validator(mode="after")
     def _check(self):
@@ -156,7 +164,7 @@ class Train(Strict):
 
 # Train fields added after studies were run: they enter a cell's fingerprint only when not at their
 # default, so a study prepared before they existed keeps its fingerprint (and stays resumable).
-_LATER_TRAIN_FIELDS = ("optimizer", "momentum", "nesterov")
+_LATER_TRAIN_FIELDS = ("optimizer", "momentum", "nesterov")  # population never enters: see cell_fingerprint
 
 
 class Objective(Strict):
@@ -185,8 +193,21 @@ class Spec(Strict):
     pruner: Literal["median", "hyperband", "none"] = "median"
     objective: Objective = Objective()
     reference: str | None = None  # the variant label reports compare against; default lstm, else the first
-    # Filled by :func:`load`: each entry of ``imports`` -> (sha256 of its source, its file).
+    # Filled by :func:`load`: each entry of ``imports`` -> (sha256 of its source, its file); the effective
+    # study text (the file's, or with ``--set`` overrides the YAML they give) and the overrides.
     _imported: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)
+    _text: str = PrivateAttr("")
+    _overrides: tuple[str, ...] = PrivateAttr(())
+
+    @property
+    def text(self) -> str:
+        """The effective study text: what is hashed and stored in MLflow as the study's description."""
+        return self._text
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The ``--set KEY=VALUE`` overrides applied to the study file, as given."""
+        return self._overrides
 
     @property
     def imported(self) -> dict[str, str]:
@@ -283,6 +304,7 @@ def cell_fingerprint(spec: Spec, cell: Cell) -> str:
     for name in _LATER_TRAIN_FIELDS:
         if payload["train"][name] == Train.model_fields[name].default:
             del payload["train"][name]
+    del payload["train"]["population"]  # how replicates are executed, not what they compute
     imports = _cell_imports(spec, cell)
     if imports:  # an edited cell or task is a changed cell
         payload["imports"] = imports
@@ -331,6 +353,23 @@ def resolve(path_or_name: str) -> Path:
     raise SpecError(f"{path_or_name}: no such study file or shipped study (shipped: {', '.join(names)})")
 
 
+def study_name(study: str) -> str:
+    """The study a command names: a study file's (or shipped study's) ``name``, else ``study`` itself (a
+    study in the store). Reads the file's ``name`` only: a report needs no valid study file."""
+    p = Path(study)
+    if not p.is_file() and p.suffix == "" and shipped(study).exists():
+        p = shipped(study)
+    if not p.is_file():
+        return study
+    try:
+        data = yaml.safe_load(_read(p))
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise SpecError(f"{p}: no study 'name' in it; give a study file, a shipped study or a study name")
+    return data["name"]
+
+
 def _loc(loc: tuple) -> str:
     out = ""
     for part in loc:
@@ -338,8 +377,13 @@ def _loc(loc: tuple) -> str:
     return out
 
 
-def load(path_or_name: str | Path) -> tuple[Spec, Path, str]:
-    """Parse and validate a study file. Returns (spec, path, sha256 of the file's text).
+def load(path_or_name: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> tuple[Spec, Path, str]:
+    """Parse and validate a study file. Returns (spec, path, sha256 of the effective study text).
+
+    ``overrides``: ``KEY=VALUE`` strings (``rnnbench run --set``), each VALUE read as YAML, KEY a dotted path
+    into the study file's mapping (``train.steps``, ``tasks[0].seq_len``), applied before validation; an
+    error in an overridden field names the override. With overrides, the effective text is the YAML they
+    give, headed by a comment listing them (``Spec.text``).
 
     Everything a trial would trip over is refused here, before anything is written: every task setting
     and variant is built once, the objective is looked up in each task's metrics, and every value the
@@ -355,10 +399,26 @@ def load(path_or_name: str | Path) -> tuple[Spec, Path, str]:
         raise SpecError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a study file is a mapping with at least 'name', 'tasks' and 'variants'")
-    imported = _import(path, data.get("imports"))
+    overrides = tuple(overrides)
+    parsed = [_apply_override(data, override) for override in overrides]
+    if overrides:
+        text = (f"# {path.name} with " + " ".join(f"--set {o}" for o in overrides) + "\n"
+                + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+    def blame(field: str) -> str:  # the file, or the last override that set this field (or within it)
+        for override, (keys, created) in reversed(list(zip(overrides, parsed))):
+            written = _loc(tuple(keys))
+            if _within(field, written) or _within(written, field) or _within(field, _loc(tuple(created))):
+                return f"--set {override}"
+        return str(path)
+    try:
+        imported = _import(path, data.get("imports"))
+    except SpecError as e:
+        raise SpecError(str(e).replace(f"{path}: imports:", f"{blame('imports')}: imports:", 1)) from e.__cause__
     try:
         spec = Spec.model_validate(data)
         spec._imported = imported
+        spec._text, spec._overrides = text, overrides
         _check_space("search_space", spec.search_space, spec)
         for i, v in enumerate(spec.variants):
             _check_space(f"variants[{i}].search_space", v.search_space, spec)
@@ -376,10 +436,62 @@ def load(path_or_name: str | Path) -> tuple[Spec, Path, str]:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
-        raise SpecError(f"{path}: {_loc(err['loc'])}: {msg}" if err["loc"] else f"{path}: {msg}") from None
+        field = _loc(err["loc"])
+        raise SpecError(f"{blame(field)}: {field}: {msg}" if err["loc"] else f"{blame('')}: {msg}") from None
     except SpecError as e:  # from the checks above: "field: message"
-        raise SpecError(f"{path}: {e}") from None
+        field = str(e).split(":", 1)[0] if ":" in str(e) else ""
+        raise SpecError(f"{blame(field)}: {e}") from None
     return spec, path, hashlib.sha256(text.encode()).hexdigest()
+
+
+def _override_keys(override: str) -> tuple[list[str | int], Any]:
+    """``tasks[0].seq_len=[10, 20]`` -> (["tasks", 0, "seq_len"], [10, 20])."""
+    key, eq, value = override.partition("=")
+    if not eq or not key.strip():
+        raise SpecError(f"--set {override}: expected KEY=VALUE, e.g. --set train.steps=200")
+    keys: list[str | int] = []
+    for part in key.strip().split("."):
+        m = re.fullmatch(r"([A-Za-z_][\w-]*)((?:\[\d+\])*)", part)
+        if not m:
+            raise SpecError(f"--set {override}: {key!r} is not a field path (e.g. train.steps, tasks[0].seq_len)")
+        keys.append(m.group(1))
+        keys += [int(i) for i in re.findall(r"\[(\d+)\]", m.group(2))]
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise SpecError(f"--set {override}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
+    return keys, parsed
+
+
+def _apply_override(data: dict, override: str) -> tuple[list[str | int], list[str | int]]:
+    """Set one ``KEY=VALUE`` in the study file's mapping (missing mappings on the way are created; list
+    entries must exist). Returns the path it set, and that of the outermost mapping it created ([] if none)."""
+    keys, value = _override_keys(override)
+    node: Any = data
+    created: list[str | int] = []
+    for i, k in enumerate(keys):
+        where = _loc(tuple(keys[:i])) or "the study file"
+        last = i == len(keys) - 1
+        if isinstance(k, int):
+            if not isinstance(node, list):
+                raise SpecError(f"--set {override}: {where} is not a list")
+            if k >= len(node):
+                raise SpecError(f"--set {override}: {where} has {len(node)} entries (indices from 0)")
+        elif not isinstance(node, dict):
+            raise SpecError(f"--set {override}: {where} is not a mapping")
+        elif not last and node.get(k) is None:
+            node[k] = {} if isinstance(keys[i + 1], str) else []
+            created = created or keys[:i + 1]
+        if last:
+            node[k] = value
+        else:
+            node = node[k]
+    return keys, created
+
+
+def _within(field: str, prefix: str) -> bool:
+    """Whether field path ``field`` is ``prefix`` or lies inside it (``tasks[0].seq_len`` in ``tasks[0]``)."""
+    return bool(prefix) and (field == prefix or field.startswith(prefix + ".") or field.startswith(prefix + "["))
 
 
 def _import(path: Path, entries: Any) -> dict[str, tuple[str, str]]:

@@ -8,6 +8,7 @@ status follows its Optuna trial. A process that dies between the two leaves a ru
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -23,6 +24,7 @@ from optuna.trial import TrialState
 from studies import queue
 from studies.crash import crash_point
 from studies.spec import Cell, Spec, cells
+from tasks import get_task_class
 
 NOTE_LIMIT = 4800  # MLflow caps tag values at 5000 characters
 
@@ -31,6 +33,31 @@ def cell_tags(spec: Spec, cell: Cell) -> dict[str, str]:
     return {"rnnbench.study": spec.name, "rnnbench.cell": cell.key, "rnnbench.task": cell.task,
             "rnnbench.variant": cell.variant.name, "rnnbench.base_variant": cell.variant.variant,
             "rnnbench.ladder": cell.ladder, "rnnbench.ladder_value": str(cell.ladder_value)}
+
+
+# Short forms of ladder knobs in run names: "T=100" reads as the sequence length at a glance.
+LADDER_SHORT = {"seq_len": "T", "p_loop": "p"}
+
+
+def run_name(cell: Cell, kind: str | None = None, slot: int | None = None) -> str:
+    """A run's name in the MLflow UI, leading with what differs between runs: the variant's label, the task
+    and its ladder value, any other task setting not at its default; then, for a trial run, its slot
+    (``#3``, search) or replicate index (``seed 2``). E.g. ``lstm · adding T=100 · #3``."""
+    value = cell.ladder_value
+    parts = [f"{LADDER_SHORT.get(cell.ladder, cell.ladder)}={_short_value(value)}"]
+    defaults = {f.name: f.default for f in dataclasses.fields(get_task_class(cell.task))}
+    parts += [f"{k}={_short_value(v)}" for k, v in cell.settings
+              if k != cell.ladder and defaults.get(k, dataclasses.MISSING) != v]
+    name = f"{cell.variant.name} · {cell.task} {' '.join(parts)}"
+    if kind == "search":
+        name += f" · #{slot}"
+    elif kind == "replicate":
+        name += f" · seed {slot}"
+    return name
+
+
+def _short_value(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def provenance(spec_sha: str, threads: int) -> dict[str, str]:
@@ -46,7 +73,7 @@ def provenance(spec_sha: str, threads: int) -> dict[str, str]:
     versions = {p: _version(p) for p in ("rnnbench", "torch", "optuna", "mlflow")}
     return {"rnnbench.git_commit": commit, "rnnbench.git_dirty": str(dirty).lower(),
             "rnnbench.study_sha256": spec_sha, "rnnbench.torch_threads": str(threads),
-            "rnnbench.device": "cpu", "rnnbench.python": platform.python_version(),
+            "rnnbench.python": platform.python_version(),
             "rnnbench.host": socket.gethostname(),
             **{f"rnnbench.version.{k}": v for k, v in versions.items()}}
 
@@ -80,7 +107,7 @@ def parent_runs(client, exp_id: str, spec: Spec, recorded: dict[str, str | None]
     for cell in cells(spec):
         run_id = recorded.get(cell.key) or found.get(cell.key)
         if run_id is None:
-            run_id = client.create_run(exp_id, run_name=cell.key,
+            run_id = client.create_run(exp_id, run_name=run_name(cell),
                                        tags={**cell_tags(spec, cell), "rnnbench.role": "cell"}).info.run_id
             crash_point("launcher.parent_created")
         out[cell.key] = run_id
@@ -137,5 +164,7 @@ def finish_parents(client, rows: list[queue.CellProgress], parents: dict[str, st
             metrics["best_trial"] = row.best.number
         ts = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
-        client.set_terminated(run_id, "FINISHED" if row.done() else "KILLED")
+        if row.stopped is not None:
+            client.set_tag(run_id, "rnnbench.stopped", row.stopped[:NOTE_LIMIT])
+        client.set_terminated(run_id, "FAILED" if row.stopped is not None else "FINISHED" if row.done() else "KILLED")
         crash_point("launcher.finishing")

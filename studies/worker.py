@@ -17,24 +17,43 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import optuna
 import torch
-from mlflow.entities import Metric, Param
-from optuna.trial import TrialState
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from optuna.trial import FrozenTrial, TrialState
 
 from studies import queue
 from studies.crash import crash_point
+from studies.launcher import LAUNCHER_PID, finish, reap, stop_failing, top_up
 from studies.spec import Cell, Spec, cells
-from studies.store import Store
-from studies.tracking import cell_tags, close_run, provenance
-from studies.training import EMBED_MAX, Divergence, SequenceModel, TrainConfig, gradient_by_lag, train
+from studies.store import Store, StoreUnavailable
+from studies.tracking import cell_tags, close_run, provenance, run_name
+from studies.population import Member, PopulationSpec, member_models, population_pays, supports_population, \
+    train_population
+from studies.training import (EMBED_MAX, Divergence, TrainConfig, batch_to, device_name, gradient_by_lag,
+                              resolve_device, train)
 from variants import count_parameters, hidden_for_param_budget
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 GRAD_PROBE_SIZE = 64  # sequences in the gradient-by-lag probe of replicate runs
-LAUNCHER_PID = "RNNBENCH_LAUNCHER_PID"
+AUTO_POPULATION = 16  # members per population where `population: auto` trains one
+PER_MEMBER = {"lr", "grad_clip", "weight_decay"}  # hyperparameters a population's members may differ in
+
+
+@dataclass
+class Job:
+    """A claimed trial on its way: its Optuna trial, its MLflow run, its seed."""
+    cell: Cell
+    kind: str
+    study: optuna.Study
+    frozen: FrozenTrial
+    trial: optuna.Trial
+    run_id: str
+    seed: int
 
 
 class LauncherGone(KeyboardInterrupt):
@@ -92,37 +111,53 @@ def hidden_size(spec: Spec, cell: Cell, task, hp: dict) -> int:
 
 
 class Worker:
-    def __init__(self, spec: Spec, spec_sha: str, store: Store, threads: int = 1):
-        self.spec, self.store = spec, store
+    def __init__(self, spec: Spec, spec_sha: str, store: Store, threads: int = 1, stale_after: float = 900.0,
+                 device: str = "auto", worker_id: str | None = None):
+        self.spec, self.store, self.stale_after = spec, store, stale_after
+        self.device = resolve_device(device)
         torch.set_num_threads(threads)
         self.storage = store.optuna_storage()
         self.client = store.mlflow_client()
         self.exp_id = store.experiment_id(self.client, spec.name)
-        self.provenance = provenance(spec_sha, threads)
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.provenance = {**provenance(spec_sha, threads), "rnnbench.device": device_name(self.device)}
+        # host:pid. A reaper on the same host closes the trials of a dead pid at once; a --worker-id other
+        # than the hostname (containers that share one) leaves them to the heartbeat rule.
+        self.name = f"{worker_id or socket.gethostname()}:{os.getpid()}"
         self.launcher = int(os.environ.get(LAUNCHER_PID, 0)) or None
         self.cells = cells(spec)
         self.eval_sets = {}
         self.bookkeeping_seconds = self.claim_seconds = 0.0
 
     def run(self, poll: float = 1.0) -> int:
-        """Claim and run trials until every cell is done. Returns the number of trials run."""
+        """Claim and run trials until every cell is done. Returns the number of trials run.
+
+        With nothing to claim, a worker keeps the queue itself (what the launcher does: enqueue free
+        slots and replicate runs, reap dead workers' trials; safe with any number of processes doing
+        it at once, see ``studies.queue``), so a study goes on while its launcher is down. The first to
+        see the study done closes the cells' parent runs if no launcher has."""
         while not (self.prepared() and queue.check_fingerprints(self.spec, self.storage)):
             self.check_launcher()
             time.sleep(poll)  # a worker on another machine may start before the launcher
-        ran = 0
+        ran, idle = 0, 0
         while True:
             self.check_launcher()
             self.bookkeeping_seconds = 0.0  # the claim's share is the trial's
             job = self.next_trial()
             self.claim_seconds = self.bookkeeping_seconds
             if job is not None:
-                self.run_trial(*job)
-                ran += 1
+                ran, idle = ran + self.run_trial(*job), 0
                 continue
-            if all(row.done() for row in queue.progress(self.spec, self.storage)):
+            rows = queue.progress(self.spec, self.storage)
+            if all(row.done() for row in rows):
+                if self.launcher is None:
+                    finish(self.spec, self.storage, self.client, self.exp_id, only_running=True)
                 return ran
-            time.sleep(poll)  # the launcher enqueues replicate runs once a cell's search has ended
+            if self.launcher is None and idle % 10 == 0:
+                reap(self.spec, self.storage, self.client, self.exp_id, self.stale_after)
+                rows = stop_failing(self.spec, self.storage, queue.progress(self.spec, self.storage))
+                top_up(self.spec, self.storage, rows)
+            idle += 1
+            time.sleep(poll)
 
     def check_launcher(self) -> None:
         if self.launcher is not None and os.getppid() != self.launcher:
@@ -135,12 +170,15 @@ class Worker:
                 self.client.get_experiment(self.exp_id).tags.get("rnnbench.prepared") == "true")
 
     def next_trial(self):
-        ready = {"search": queue.generation_ready(self.spec.generation), "replicate": lambda t, ts: True}
+        """Claim a trial: search trials of a generation whose predecessors have ended, else replicate runs."""
+        generation = queue.generation_ready(self.spec.generation)
         for kind in queue.KINDS:
             for cell in self.cells:
                 with self.bookkeeping():
                     study = queue.open_study(self.storage, queue.optuna_name(self.spec, cell, kind))
-                    frozen = queue.claim(study, ready[kind])
+                    alike = queue.not_failing_alike(study)  # a cell about to be stopped: take no more of it
+                    ready = (lambda t, ts: generation(t, ts) and alike(t, ts)) if kind == "search" else None
+                    frozen = queue.claim(study, ready) if ready else queue.claim(study)
                 if frozen is not None:
                     crash_point("worker.claimed")
                     return cell, kind, study, frozen
@@ -155,10 +193,51 @@ class Worker:
         finally:
             self.bookkeeping_seconds += time.perf_counter() - start
 
-    def run_trial(self, cell: Cell, kind: str, study: optuna.Study, frozen) -> None:
-        """Run one claimed trial and close it in Optuna and MLflow, whatever happens inside."""
-        spec, client, storage = self.spec, self.client, self.storage
+    def run_trial(self, cell: Cell, kind: str, study: optuna.Study, frozen) -> int:
+        """Run a claimed trial and close it in Optuna and MLflow, whatever happens inside; a replicate
+        run takes more replicate runs of its cell along where they train as one population. Returns
+        how many trials ran."""
         started = time.perf_counter()
+        jobs = [self.open_job(cell, kind, study, frozen)]
+        size = self.population_size(jobs[0])
+        same = (queue.generation_ready(self.spec.generation) if kind == "search"  # trials of one configuration
+                else lambda t, ts: queue.source(t) == queue.source(frozen))
+        while len(jobs) < size:
+            with self.bookkeeping():
+                more = queue.claim(study, same)
+            if more is None:
+                break
+            jobs.append(self.open_job(cell, kind, study, more))
+        try:
+            try:
+                outcomes = self.train_jobs(jobs, population=size > 1)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - one trial's error never stops the study
+                if lost_store(e):  # not the trial's fault: leave it RUNNING, to be reaped and run again
+                    raise
+                outcomes = [e] * len(jobs)
+            for job, outcome in zip(jobs, outcomes):
+                self.settle(job, outcome)
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, launcher gone: close the trials as interrupted, stop
+            reason = f"worker {self.name} was stopped" + (f" ({e})" if isinstance(e, LauncherGone) else "")
+            for job in jobs:
+                if queue.interrupt(self.storage, queue.trial_id(job.frozen), reason):
+                    close_run(self.client, job.run_id, TrialState.FAIL, reason)
+            raise
+        finally:
+            # Wall time from the claim to the end, and the part of it spent in Optuna and MLflow.
+            wall = time.perf_counter() - started + self.claim_seconds
+            book, self.bookkeeping_seconds = self.bookkeeping_seconds, 0.0
+            ts = int(time.time() * 1000)
+            for job in jobs:
+                self.client.log_batch(job.run_id, metrics=[Metric("wall_seconds", wall, ts, 0),
+                                                           Metric("bookkeeping_seconds", book / len(jobs), ts, 0)])
+        return len(jobs)
+
+    def open_job(self, cell: Cell, kind: str, study: optuna.Study, frozen) -> Job:
+        """Record this worker on a claimed trial and open its MLflow run."""
+        spec, storage = self.spec, self.storage
         slot, trial_id = queue.slot(frozen), queue.trial_id(frozen)
         with self.bookkeeping():
             queue.record(storage, trial_id, self.name, time.time())
@@ -175,109 +254,166 @@ class Worker:
                 "rnnbench.study_seed": str(spec.seed), "rnnbench.worker": self.name}
         if kind == "replicate":
             tags |= {"rnnbench.replicate": str(slot), "rnnbench.source_trial": str(queue.source(frozen))}
-        name = f"{cell.key}#{frozen.number}" + (f" replicate {slot}" if kind == "replicate" else "")
         with self.bookkeeping():
-            run_id = client.create_run(self.exp_id, run_name=name, tags=tags).info.run_id
+            run_id = self.client.create_run(self.exp_id, run_name=run_name(cell, kind, slot), tags=tags).info.run_id
             crash_point("worker.run_created")
             queue.set_attr(storage, trial_id, "mlflow_run_id", run_id)
-        try:
-            value = self.train_trial(cell, trial, run_id, seed, probe_gradients=kind == "replicate")
-            crash_point("worker.before_tell")
-            self._end(study, trial, run_id, TrialState.COMPLETE, value=value)
-        except optuna.TrialPruned as e:
-            self._end(study, trial, run_id, TrialState.PRUNED, tags={"rnnbench.pruned": str(e)})
-        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, launcher gone: close the trial as interrupted, stop
-            reason = f"worker {self.name} was stopped" + (f" ({e})" if isinstance(e, LauncherGone) else "")
-            if queue.interrupt(storage, trial_id, reason):
-                close_run(client, run_id, TrialState.FAIL, reason)
-            raise
-        except Exception as e:  # noqa: BLE001 - one trial's error never stops the study
-            message = f"{type(e).__name__}: {e}".splitlines()[0][:4000]
-            queue.set_attr(storage, trial_id, "error", message)
-            client.log_text(run_id, traceback.format_exc(), "error.txt")
-            self._end(study, trial, run_id, TrialState.FAIL, tags={"rnnbench.error": message})
-        finally:
-            # Wall time from the claim to the end, and the part of it spent in Optuna and MLflow.
-            wall = time.perf_counter() - started + self.claim_seconds
-            book, self.bookkeeping_seconds = self.bookkeeping_seconds, 0.0
-            ts = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric("wall_seconds", wall, ts, 0),
-                                              Metric("bookkeeping_seconds", book, ts, 0)])
+        return Job(cell, kind, study, frozen, trial, run_id, seed)
 
-    def train_trial(self, cell: Cell, trial: optuna.Trial, run_id: str, seed: int, probe_gradients: bool) -> float:
-        """Build the model for the trial's hyperparameters, train it, log as it goes; return the objective."""
+    def population_size(self, job: Job) -> int:
+        """How many trials to train with this one as a population (1: alone): replicate runs of the same
+        source, or search trials whose searched hyperparameters leave every shape alone (learning rate,
+        clipping, weight decay: what a population's members may have of their own)."""
+        setting = self.spec.train.population
+        searched = {name for name, _ in job.cell.search_space}
+        if setting == "off" or (job.kind == "search" and not searched <= PER_MEMBER):
+            return 1
+        hp = hyperparameters(self.spec, job.cell, job.trial)
+        switches, layers, dropout = job.cell.switches(hp), int(hp["num_layers"]), float(hp["dropout"])
+        if not supports_population(job.cell.variant.variant, switches, layers, dropout):
+            return 1
+        if setting == "auto":
+            hidden = hidden_size(self.spec, job.cell.drawn(hp), job.cell.build_task(), hp)
+            return AUTO_POPULATION if population_pays(job.cell.variant.variant, switches, hidden, self.device) else 1
+        return setting
+
+    def train_jobs(self, jobs: list[Job], population: bool = False) -> list:
+        """Build the model(s) for the trials' hyperparameters, train, log as it goes. Returns each trial's
+        outcome: its objective, or the exception that ended it (a population's members fail alone)."""
         spec, client = self.spec, self.client
+        cell = jobs[0].cell
         task = cell.build_task()
-        hp = hyperparameters(spec, cell, trial)
+        hps = [hyperparameters(spec, cell, job.trial) for job in jobs]
+        hp = hps[0]  # replicate runs share every hyperparameter
         switches = cell.switches(hp)  # the entry's, and those the search drew (Optuna name switches.NAME)
         hidden = hidden_size(spec, cell.drawn(hp), task, hp)
-        torch.manual_seed(seed)
-        model = SequenceModel(task, cell.variant.variant, hidden, int(hp["num_layers"]), float(hp["dropout"]),
-                              switches)
-        params = {**{k: v for k, v in hp.items() if not k.startswith("switches.")},
-                  "hidden_size": hidden, "n_params": count_parameters(model),
-                  **{f"task.{k}": v for k, v in task.settings().items()},
-                  **{f"switch.{k}": v for k, v in switches.items()},
-                  **dict(zip(("solved.metric", "solved.op", "solved.threshold"), task.solved_when)),
-                  "steps": spec.train.steps, "seconds": spec.train.seconds, "eval_every": spec.train.eval_every}
-        from mlflow.entities import RunTag
-        with self.bookkeeping():  # with the SHA-256 of each module the study file imports (its own cells, tasks)
-            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
-                             metrics=[Metric("baseline", task.baseline, int(time.time() * 1000), 0)],
-                             tags=[RunTag(k, v) for k, v in spec.import_tags.items()])
+        layers, dropout = int(hp["num_layers"]), float(hp["dropout"])
         optimizer = "nesterov" if hp["optimizer"] == "sgd" and hp["nesterov"] else hp["optimizer"]
         cfg = TrainConfig(lr=float(hp["lr"]), steps=spec.train.steps or 10**12, batch_size=int(hp["batch_size"]),
                           eval_every=spec.train.eval_every, grad_clip=hp["grad_clip"],
                           weight_decay=float(hp["weight_decay"]), max_seconds=spec.train.seconds,
                           optimizer=optimizer, momentum=float(hp["momentum"]))
-        metric = spec.objective.metric
         if cell.key not in self.eval_sets:  # keep one cell's held-out set: workers go cell by cell
-            self.eval_sets = {cell.key: task.eval_batch(spec.train.eval_size, spec.seed)}
-        trial_id = trial._trial_id
+            self.eval_sets = {cell.key: batch_to(task.eval_batch(spec.train.eval_size, spec.seed), self.device)}
+        models = member_models(task, PopulationSpec(cell.variant.variant, switches, hidden, layers, dropout),
+                               [job.seed for job in jobs])  # each exactly as a run alone builds it
+        group = f"{jobs[0].study.study_name}#{jobs[0].frozen.number}x{len(jobs)}" if len(jobs) > 1 else None
+        for job, job_hp, model in zip(jobs, hps, models):
+            self.log_params(job, task, job_hp, hidden, switches, count_parameters(model), group)
+        # Replicate runs record the vanishing-gradient picture before and after training.
+        probe = (batch_to(task.eval_batch(GRAD_PROBE_SIZE, spec.seed + 1), self.device)
+                 if jobs[0].kind == "replicate" else None)
+        init = [gradient_by_lag(task, m.to(self.device), probe) if probe is not None else None for m in models]
+        if not population:
+            result = train(task, models[0], cfg, self.eval_sets[cell.key], jobs[0].seed, self.on_eval(jobs[0]),
+                           device=self.device)
+            return [self.record_result(jobs[0], task, result, models[0], probe, init[0])]
+        callbacks = [self.on_eval(job) for job in jobs]
+        members = [Member(job.seed, float(h["lr"]), h["grad_clip"], float(h["weight_decay"])) for job, h in zip(jobs, hps)]
+        # A member's numbers do not depend on its companions, but a population of one computes the last bit
+        # differently from one of two or more: a lone member gets a twin (its results unused), so that a
+        # replicate's numbers are the same however the runs were grouped (by timing, interruptions).
+        twin = members[:1] if len(members) == 1 else []
+        results = train_population(task, PopulationSpec(cell.variant.variant, switches, hidden, layers, dropout),
+                                   members + twin, cfg, self.eval_sets[cell.key],
+                                   lambda j, step, m: callbacks[j](step, m) if j < len(jobs) else None,
+                                   device=self.device)[:len(jobs)]
+        outcomes = []
+        for job, r, before in zip(jobs, results, init):
+            try:
+                if r.error is not None:
+                    raise r.error
+                outcomes.append(self.record_result(job, task, r, r.model, probe, before))
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - this member's own failure
+                outcomes.append(e)
+        return outcomes
 
-        def on_eval(step: int, metrics: dict[str, float]) -> None:
+    def log_params(self, job: Job, task, hp: dict, hidden: int, switches: dict, n_params: int, group: str | None):
+        spec = self.spec
+        params = {**{k: v for k, v in hp.items() if not k.startswith("switches.")},
+                  "hidden_size": hidden, "n_params": n_params,
+                  **{f"task.{k}": v for k, v in task.settings().items()},
+                  **{f"switch.{k}": v for k, v in switches.items()},
+                  **dict(zip(("solved.metric", "solved.op", "solved.threshold"), task.solved_when)),
+                  "steps": spec.train.steps, "seconds": spec.train.seconds, "eval_every": spec.train.eval_every}
+        # with the SHA-256 of each module the study file imports (its own cells, tasks)
+        tags = {**spec.import_tags, **({"rnnbench.population": group} if group else {})}
+        with self.bookkeeping():
+            self.client.log_batch(job.run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                                  metrics=[Metric("baseline", task.baseline, int(time.time() * 1000), 0)],
+                                  tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def on_eval(self, job: Job):
+        """The callback a training run calls at each evaluation: log, heartbeat, report, maybe prune."""
+        metric, trial = self.spec.objective.metric, job.trial
+
+        def callback(step: int, metrics: dict[str, float]) -> None:
             if metric not in metrics:
-                raise KeyError(f"objective metric {metric!r} is not reported by task {cell.task} "
+                raise KeyError(f"objective metric {metric!r} is not reported by task {job.cell.task} "
                                f"(it reports: {', '.join(metrics)})")
             crash_point("worker.training")
             self.check_launcher()
             with self.bookkeeping():
                 ts = int(time.time() * 1000)
-                client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
-                queue.set_attr(self.storage, trial_id, "heartbeat", time.time())
+                self.client.log_batch(job.run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
+                queue.set_attr(self.storage, queue.trial_id(job.frozen), "heartbeat", time.time())
                 trial.report(metrics[metric], step)
                 prune = trial.should_prune()
             if prune:
                 raise optuna.TrialPruned(f"pruned at step {step} ({metric} {metrics[metric]:.4g})")
+        return callback
 
-        # Replicate runs record the vanishing-gradient picture before and after training.
-        probe = task.eval_batch(GRAD_PROBE_SIZE, spec.seed + 1) if probe_gradients else None
-        grads = {"init": gradient_by_lag(task, model, probe)} if probe is not None else {}
-        result = train(task, model, cfg, self.eval_sets[cell.key], seed, on_eval)
+    def record_result(self, job: Job, task, result, model, probe, init_grads) -> float:
+        """Log a finished run's gradient probe and summary; return its objective."""
         if probe is not None:
-            grads["trained"] = gradient_by_lag(task, model, probe)
+            grads = {"init": init_grads, "trained": gradient_by_lag(task, model, probe)}
             with self.bookkeeping():
-                client.log_dict(run_id, grads, "grad_by_lag.json")
+                self.client.log_dict(job.run_id, grads, "grad_by_lag.json")
+        metric = self.spec.objective.metric
         value = result.metrics[metric]
         if not math.isfinite(value):
             raise Divergence(f"objective {metric} is {value}")
         summary = {"objective": value, "train_seconds": result.seconds, "steps_done": result.steps,
                    "seconds_per_step": result.seconds / max(result.steps, 1)}
         with self.bookkeeping():
-            client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), result.steps)
-                                              for k, v in summary.items()])
+            self.client.log_batch(job.run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), result.steps)
+                                                       for k, v in summary.items()])
         return value
 
-    def _end(self, study, trial, run_id, state, value=None, tags=None):
+    def settle(self, job: Job, outcome) -> None:
+        """Close a trial with its outcome: an objective, a pruning, or the error that failed it."""
+        if isinstance(outcome, float):
+            crash_point("worker.before_tell")
+            self._end(job, TrialState.COMPLETE, value=outcome)
+        elif isinstance(outcome, optuna.TrialPruned):
+            self._end(job, TrialState.PRUNED, tags={"rnnbench.pruned": str(outcome)})
+        else:
+            message = f"{type(outcome).__name__}: {outcome}".splitlines()[0][:4000]
+            queue.set_attr(self.storage, queue.trial_id(job.frozen), "error", message)
+            self.client.log_text(job.run_id, "".join(traceback.format_exception(outcome)), "error.txt")
+            self._end(job, TrialState.FAIL, tags={"rnnbench.error": message})
+
+    def _end(self, job: Job, state, value=None, tags=None):
         """Tell Optuna, then mirror the state the trial really has in MLflow (the launcher may have
         reaped it as interrupted meanwhile: a missed heartbeat)."""
         with self.bookkeeping():
             for k, v in (tags or {}).items():
-                self.client.set_tag(run_id, k, v)
-            state = queue.end(study, trial, state, value)
+                self.client.set_tag(job.run_id, k, v)
+            state = queue.end(job.study, job.trial, state, value)
             crash_point("worker.told")
-            frozen = queue.get_trial(self.storage, trial._trial_id)
-            close_run(self.client, run_id, state, frozen.user_attrs.get("interrupted") if queue.interrupted(frozen) else None)
+            frozen = queue.get_trial(self.storage, queue.trial_id(job.frozen))
+            close_run(self.client, job.run_id, state,
+                      frozen.user_attrs.get("interrupted") if queue.interrupted(frozen) else None)
+
+
+def lost_store(error: BaseException) -> bool:
+    """Whether an error is a store that stopped answering (after its retries), not the trial's doing."""
+    if isinstance(error, StoreUnavailable):
+        return True
+    text = str(error)
+    return isinstance(error, MlflowException) and ("Max retries exceeded" in text or "Connection" in text)
 
 
 def _stop(signum, frame):
@@ -295,10 +431,11 @@ def _die_with_launcher(launcher: int) -> None:
         raise LauncherGone(f"launcher {launcher} is gone")
 
 
-def run_worker(spec: Spec, spec_sha: str, store: Store, threads: int = 1, poll: float = 1.0) -> int:
+def run_worker(spec: Spec, spec_sha: str, store: Store, threads: int = 1, poll: float = 1.0,
+               stale_after: float = 900.0, device: str = "auto", worker_id: str | None = None) -> int:
     """A worker process's life: run trials until the study is done; on SIGTERM close the trial in hand."""
     signal.signal(signal.SIGTERM, _stop)
     launcher = int(os.environ.get(LAUNCHER_PID, 0))
     if launcher:
         _die_with_launcher(launcher)
-    return Worker(spec, spec_sha, store, threads).run(poll)
+    return Worker(spec, spec_sha, store, threads, stale_after, device, worker_id).run(poll)

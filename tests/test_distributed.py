@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 from conftest import TINY, free_port, rnnbench, wait_for
 from studies import spec as specs
+from studies import queue
 from studies.queue import ENDED, optuna_name
 from studies.store import Store
 
@@ -161,27 +162,39 @@ def stop(proc: subprocess.Popen, timeout: float = 30):
     proc.wait()
 
 
+class MlflowServer:
+    """`mlflow server` with a database of the cluster as backend store, artifacts proxied to a folder;
+    it can be stopped and started again on the same port."""
+
+    def __init__(self, postgres, base: Path, database: str):
+        postgres.create_database(database)
+        self.backend = postgres.url(database, "psycopg2")  # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3
+        self.base, self.port, self.log = base, free_port(), base / "server.log"
+        self.url, self.artifacts, self.proc = f"http://127.0.0.1:{self.port}", base / "artifacts", None
+
+    def start(self):
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner processes: 2 cores here
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
+                                          "--serve-artifacts", "--artifacts-destination", str(self.artifacts),
+                                          "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                                         stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        wait_for(f"{self.url}/health", self.proc, lambda: self.log.read_text()[-5000:])
+
+    def stop(self):
+        if self.proc is not None:
+            stop(self.proc)
+
+
 @pytest.fixture(scope="module")
 def tracking_server(postgres, tmp_path_factory):
-    """`mlflow server` with the cluster's second database as backend store, artifacts proxied to a folder."""
-    postgres.create_database("mlflow")
-    base = tmp_path_factory.mktemp("mlflow-server")
-    port, log = free_port(), base / "server.log"
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner processes: 2 cores here
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server",
-                                 # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; psycopg2 is here
-                                 "--backend-store-uri", postgres.url("mlflow", "psycopg2"),
-                                 "--serve-artifacts", "--artifacts-destination", str(base / "artifacts"),
-                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = MlflowServer(postgres, tmp_path_factory.mktemp("mlflow-server"), "mlflow")
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(f"{url}/health", proc, lambda: log.read_text()[-5000:])
-        yield url, base / "artifacts"
+        server.start()
+        yield server.url, server.artifacts
     finally:
-        stop(proc)
+        server.stop()
 
 
 def start(args, log: Path, cwd: Path) -> subprocess.Popen:
@@ -312,3 +325,61 @@ def test_launcher_and_remote_workers_share_postgres_and_a_tracking_server(postgr
     status = rnnbench("status", spec_path, "--storage", storage_url, cwd=tmp_path).stdout
     total = len(cells) * (spec.trials + spec.replicates)
     assert f"{total}/{total} trials ended, 0 running, {len(cells)}/{len(cells)} cells done" in status
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_a_study_rides_out_a_minute_without_its_database_a_tracking_server_restart_and_a_dead_launcher(
+        postgres, tmp_path):
+    """A lab's bad day: PostgreSQL down for 60 s, then the MLflow server restarted, then the launcher
+    killed (kill -9) and started again; a remote worker lives through all of it and the counts are exact."""
+    postgres.create_database("optuna2")
+    storage_url = postgres.url("optuna2")
+    server = MlflowServer(postgres, tmp_path, "mlflow2")
+    server.start()
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(TINY.replace("name: tiny", "name: badday").replace("replicates: 2", "replicates: 1")
+                         .replace("steps: 40", "steps: 300"))
+    spec, _, _ = specs.load(spec_path)
+    common = ["--storage", storage_url, "--tracking-uri", server.url]
+    logs = {name: tmp_path / f"{name}.log" for name in ("launcher", "remote", "launcher2")}
+    procs = {}
+    try:
+        procs["launcher"] = start(["run", spec_path, "--root", tmp_path / "l", "--workers", 1, *common],
+                                  logs["launcher"], tmp_path)
+        procs["remote"] = start(["worker", spec_path, "--root", tmp_path / "r", *common], logs["remote"], tmp_path)
+        wait_for_trials(storage_url, spec, ended=2, procs=procs)
+        down = postgres.restart(60)
+        server.stop()
+        server.start()
+        wait_for_trials(storage_url, spec, ended=4, procs=procs, timeout=400)
+        os.kill(procs["launcher"].pid, signal.SIGKILL)  # the launcher alone; its worker dies with it
+        procs["launcher"].wait()
+        del procs["launcher"]
+        procs["launcher2"] = start(["run", spec_path, "--root", tmp_path / "l", "--workers", 1, *common],
+                                   logs["launcher2"], tmp_path)
+        for name, proc in procs.items():
+            proc.wait(timeout=900)
+        report = "\n".join(f"--- {n} (exit {p.poll()}):\n{logs[n].read_text()[-3000:]}" for n, p in procs.items())
+        assert all(p.returncode == 0 for p in procs.values()), report
+    finally:
+        for proc in procs.values():
+            stop(proc)
+        server.stop()
+    out = {name: log.read_text() for name, log in logs.items()}
+    print(f"\nPostgreSQL down {down:.1f} s, MLflow server restarted, launcher killed and restarted")
+    assert "database is not answering" in "".join(out.values())
+    storage = Store(tmp_path / "check", storage_url, server.url).optuna_storage()
+    for cell in specs.cells(spec):
+        for kind, wanted in (("search", spec.trials), ("replicate", spec.replicates)):
+            ts = optuna.load_study(study_name=optuna_name(spec, cell, kind), storage=storage).get_trials()
+            assert len([t for t in ts if queue.counted(t)]) == wanted, (cell.key, kind, ts)
+            assert not [t for t in ts if t.state in queue.LIVE]
+    server.start()
+    try:
+        client = MlflowClient(server.url)
+        exp = client.get_experiment_by_name("badday")
+        runs = client.search_runs([exp.experiment_id], max_results=1000)
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+    finally:
+        server.stop()

@@ -232,7 +232,6 @@ seed: 11
 tasks: [{task: adding, seq_len: 6}]
 variants: [rnn]
 model: {hidden_size: 4}
-train: {steps: 12, eval_every: 4, eval_size: 16, batch_size: 4}
 search_space: {lr: {type: float, low: 1.0e-4, high: 1.0, log: true}}
 trials: 16
 replicates: 0
@@ -241,18 +240,24 @@ pruner: median
 """
 
 
-def test_results_do_not_depend_on_the_number_of_workers(tmp_path):
+@pytest.mark.parametrize("population", ["off", "auto"])
+def test_results_do_not_depend_on_the_number_of_workers(tmp_path, population):
     """Issue case 10: 16 TPE trials (the last 4 sampled by TPE itself, after its 10 random startup
-    trials) with the median pruner give the same params, values and states with 1 and 2 workers."""
-    spec_path = write_spec(tmp_path, TPE)
+    trials) with the median pruner give the same params, values and states with 1 and 2 workers; with
+    populations on, search trials also train in groups that depend on timing, and still give the same."""
+    spec_path = write_spec(tmp_path, TPE + f"train: {{steps: 12, eval_every: 4, eval_size: 16, batch_size: 4, "
+                                           f"population: {population}}}\n")
     outcomes = []
     for workers in (1, 2):
         root = tmp_path / f"w{workers}"
         rnnbench("run", spec_path, "--root", root, "--workers", workers)
         (ts,) = trials_of(root, spec_path).values()
         outcomes.append(sorted((t.user_attrs["slot"], t.params["lr"], t.value, t.state.name) for t in ts))
-        if workers == 2:
-            assert len({r.data.tags["rnnbench.worker"] for r in trial_runs(root, "tpe")}) == 2
+        runs = trial_runs(root, "tpe")
+        if workers == 2 and population == "off":
+            assert len({r.data.tags["rnnbench.worker"] for r in runs}) == 2
+        if population == "auto":
+            assert any("rnnbench.population" in r.data.tags for r in runs)
     assert outcomes[0] == outcomes[1]
     assert len({lr for _, lr, _, _ in outcomes[0]}) == 16
 
@@ -338,3 +343,118 @@ def test_growing_a_study_gives_the_new_best_its_own_replicates(tmp_path):
     assert reps == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
     status = rnnbench("status", tmp_path / "s.yaml", "--root", root).stdout
     assert "3/3 (+2 superseded)" in status
+
+
+def test_replicates_trained_as_a_population_match_runs_alone(tmp_path):
+    """`train.population: 4` trains a cell's 4 replicate runs as one module; the study's MLflow runs,
+    counts and statuses are those of `population: off`, and each replicate's objective agrees. And a
+    replicate's numbers do not depend on how the runs were grouped: populations of at most 3 (groups of 3
+    and 1) give exactly the numbers of one population of 4."""
+    text = """\
+        name: pop
+        seed: 4
+        tasks: [{task: adding, seq_len: 8}]
+        variants: [peephole, gru_cho]
+        model: {hidden_size: 8}
+        train: {steps: 30, eval_every: 10, eval_size: 32, batch_size: 8, population: %s}
+        search_space: {lr: {type: categorical, choices: [0.01]}}
+        sampler: grid
+        trials: 1
+        replicates: 4
+        """
+    outcome = {}
+    for setting in ("off", "4", "3"):
+        spec_path = write_spec(tmp_path, text % setting, f"{setting}.yaml")
+        rnnbench("run", spec_path, "--root", tmp_path / setting)
+        runs = assert_consistent(tmp_path / setting, spec_path, "pop", trials=1)
+        outcome[setting] = {(r.data.tags["rnnbench.cell"], r.data.tags["rnnbench.kind"], r.data.tags["rnnbench.slot"]):
+                            (r.info.status, r.data.metrics["objective"], r.data.tags.get("rnnbench.population"))
+                            for r in runs}
+    assert outcome["off"].keys() == outcome["4"].keys() and len(outcome["off"]) == 2 * (1 + 4)
+    for key, (status, value, group) in outcome["4"].items():
+        alone_status, alone, no_group = outcome["off"][key]
+        assert status == alone_status == "FINISHED" and no_group is None
+        assert value == pytest.approx(alone, rel=0.01)
+        assert (group is not None) == (key[1] == "replicate")  # replicates trained together, tagged so
+    assert {k: v[:2] for k, v in outcome["3"].items()} == {k: v[:2] for k, v in outcome["4"].items()}
+
+
+def test_run_names_lead_with_what_differs(tiny_study):
+    """Parent runs `lstm · adding T=12`, search runs `... · #<slot>`, replicate runs `... · seed <index>`;
+    trial runs carry what MLflow's chart view groups by (variant, task, ladder value; lr, hidden_size)."""
+    client = MlflowClient(Store(tiny_study.root).tracking_uri)
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], "tags.`rnnbench.cell` != ''", max_results=1000)
+    names = {(r.data.tags["rnnbench.cell"], r.data.tags.get("rnnbench.kind"), r.data.tags.get("rnnbench.slot")):
+             r.info.run_name for r in runs}
+    assert names[("adding(seq_len=12)/lstm", None, None)] == "lstm · adding T=12"
+    assert names[("copy_memory(seq_len=5,n_copy=2)/rnn", None, None)] == "rnn · copy_memory T=5 n_copy=2"
+    assert names[("adding(seq_len=12)/lstm", "search", "1")] == "lstm · adding T=12 · #1"
+    assert names[("adding(seq_len=8)/rnn", "replicate", "0")] == "rnn · adding T=8 · seed 0"
+    trial = next(r for r in runs if r.data.tags.get("rnnbench.role") == "trial")
+    assert {"rnnbench.variant", "rnnbench.task", "rnnbench.ladder_value"} <= set(trial.data.tags)
+    assert {"lr", "hidden_size"} <= set(trial.data.params)
+
+
+def test_a_cell_whose_first_trials_fail_alike_is_stopped(tmp_path):
+    """A cell whose first 3 trials all fail with the same error (numbers aside) is stopped: said at once,
+    no more trials, counted as done; `run` exits 1 saying the study did not complete; the cell stays
+    stopped until --retry-stopped. The other cell runs to the end. (Also: workers get the launcher's --set.)"""
+    from studies import queue
+
+    spec_path = write_spec(tmp_path, """\
+        name: stops
+        tasks: [{task: adding, seq_len: 6}]
+        variants:
+          - gru
+          - {variant: rnn, search_space: {lr: {type: categorical, choices: [1.0e+30]}}}
+        model: {hidden_size: 4}
+        train: {steps: 40, eval_every: 10, eval_size: 16, batch_size: 4, grad_clip: null}
+        search_space: {lr: {type: float, low: 1.0e-3, high: 1.0e-2}}
+        trials: 10
+        generation: 3
+        replicates: 0
+        pruner: none
+        """)
+    root, sets = tmp_path / "runs", ["--set", "train.steps=10", "--set", "train.eval_every=5"]
+
+    def rnn_trials():
+        spec, _, _ = specs.load(spec_path, ["train.steps=10", "train.eval_every=5"])
+        gru, rnn = queue.progress(spec, Store(root).optuna_storage())
+        return gru, rnn
+
+    proc = rnnbench("run", spec_path, "--root", root, *sets, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith("study stops did not complete: 1 cell(s) stopped")
+    line = next(l for l in proc.stdout.splitlines() if "stopped: its first 3 trials failed with" in l)
+    assert "cell adding(seq_len=6)/rnn stopped" in line and "Divergence" in line
+    gru, rnn = rnn_trials()
+    assert gru.done() and gru.search["counted"] == 10 and gru.stopped is None
+    assert rnn.done() and rnn.stopped.startswith("Divergence")
+    first = rnn.search["counted"]
+    assert first == 3 and rnn.search["FAIL"] - rnn.search["interrupted"] == first
+    assert not [t for t in rnn.search_trials if t.state in queue.LIVE]
+    status = rnnbench("status", spec_path, "--root", root, *sets).stdout
+    assert "stopped: Divergence" in status and "2/2 cells done (1 stopped)" in status
+    parents = {r.data.tags["rnnbench.cell"]: r for r in MlflowClient(Store(root).tracking_uri).search_runs(
+        [MlflowClient(Store(root).tracking_uri).get_experiment_by_name("stops").experiment_id],
+        "tags.`rnnbench.role` = 'cell'")}
+    assert parents["adding(seq_len=6)/rnn"].info.status == "FAILED"
+    assert parents["adding(seq_len=6)/rnn"].data.tags["rnnbench.stopped"].startswith("Divergence")
+
+    again = rnnbench("run", spec_path, "--root", root, *sets, check=False)  # stays stopped: nothing runs
+    assert again.returncode == 1 and rnn_trials()[1].search["counted"] == first
+
+    retry = rnnbench("run", spec_path, "--root", root, *sets, "--retry-stopped", check=False)
+    assert retry.returncode == 1  # the learning rate still diverges: three new failures stop it again
+    _, rnn = rnn_trials()
+    assert rnn.stopped is not None and rnn.stop_check_from > 0 and rnn.search["counted"] == first + 3
+
+
+def test_report_and_status_take_the_study_file_too(tiny_study, tmp_path):
+    """`report` names a study as `run` and `status` do: by its file (its `name` is used) or a store name."""
+    out = rnnbench("report", tiny_study.spec, "--root", tiny_study.root, "--out", tmp_path / "r").stdout
+    assert "experiment tiny" in out and (tmp_path / "r" / "index.html").exists()
+    assert "cells done" in rnnbench("status", tiny_study.spec, "--root", tiny_study.root).stdout
+    missing = rnnbench("report", "quickstart", "--root", tiny_study.root, "--out", tmp_path / "q", check=False)
+    assert missing.returncode == 2 and "quickstart" in missing.stderr  # the shipped study: its name, not in this store

@@ -39,6 +39,7 @@ FAULTS = textwrap.dedent("""\
     replicates: 3
     generation: 2
     pruner: none
+    population: off  # replicates one by one: the numbers must equal the uninterrupted run's bit for bit
     """)
 
 # scenario: (crash points, what it shows). Each point fires once, except in "claimed-unrecorded", where

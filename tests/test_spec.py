@@ -324,3 +324,60 @@ def test_new_train_fields_keep_old_fingerprints(tmp_path):
     a, _, _ = specs.load(write(tmp_path, BASE, "a.yaml"))
     b, _, _ = specs.load(write(tmp_path, BASE + "train: {optimizer: rmsprop}\n", "b.yaml"))
     assert specs.cell_fingerprint(a, specs.cells(a)[0]) != specs.cell_fingerprint(b, specs.cells(b)[0])
+
+
+def test_overrides_apply_before_validation(tmp_path):
+    """`--set KEY=VALUE`: YAML values at dotted paths (list indices too), validated like the file; the
+    effective text (what is hashed, fingerprinted and stored) is the YAML they give, headed by them."""
+    path = write(tmp_path, BASE)
+    plain, _, plain_sha = specs.load(path)
+    assert plain.text == path.read_text() and plain.overrides == ()  # no override: the file, as written
+    sets = ("train.steps=200", "trials=4", "tasks[0].seq_len=[10, 20]", "search_space.lr={type: float, low: 0.001, "
+            "high: 0.01}")
+    spec, _, sha = specs.load(path, sets)
+    assert spec.train.steps == 200 and spec.trials == 4 and spec.search_space["lr"].high == 0.01
+    assert [c.key for c in specs.cells(spec)] == ["adding(seq_len=10)/rnn", "adding(seq_len=20)/rnn"]
+    assert spec.overrides == sets and sha != plain_sha
+    header, *rest = spec.text.splitlines()
+    assert header == "# s.yaml with " + " ".join(f"--set {s}" for s in sets)
+    reloaded, _, _ = specs.load(write(tmp_path, spec.text, "effective.yaml"))  # the text is the study
+    assert reloaded.model_dump() == spec.model_dump()
+    assert specs.cell_fingerprint(spec, specs.cells(spec)[0]) != specs.cell_fingerprint(plain, specs.cells(plain)[0])
+    assert specs.load(path, ["trials=8"])[0].trials == 8  # the default, said out loud
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", "--set train.stepz=3: train.stepz: unknown field"),
+    ("trials=0", "--set trials=0: trials: Input should be greater than or equal to 1"),
+    ("tasks[0].seq_len=1", "--set tasks[0].seq_len=1: tasks[0]: adding.seq_len: must be >= 2"),
+    ("tasks[2].seq_len=5", "--set tasks[2].seq_len=5: tasks has 1 entries (indices from 0)"),
+    ("variants[0]=lstn", "--set variants[0]=lstn: variants[0]: unknown variant 'lstn'"),
+    ("search_space.lr.high=0.1", "--set search_space.lr.high=0.1: search_space.lr.type: Field required"),
+    ("name.first=x", "--set name.first=x: name is not a mapping"),
+    ("trials", "--set trials: expected KEY=VALUE"),
+    ("train.steps=[1", "--set train.steps=[1: the value is not valid YAML"),
+    ("a..b=1", "--set a..b=1: 'a..b' is not a field path"),
+])
+def test_override_errors_name_the_override(tmp_path, override, message):
+    path = write(tmp_path, BASE)
+    with pytest.raises(specs.SpecError) as e:
+        specs.load(path, [override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    with pytest.raises(specs.SpecError) as e:  # an error the file makes still names the file
+        specs.load(write(tmp_path, BASE + "trails: 3\n", "bad.yaml"), ["trials=3"])
+    assert str(e.value).startswith(str(tmp_path / "bad.yaml"))
+
+
+def test_cli_override_error_is_one_line(tmp_path):
+    proc = rnnbench("plan", write(tmp_path, BASE), "--set", "train.stepz=3", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: --set train.stepz=3: train.stepz: unknown field\n"
+
+
+def test_study_name_from_a_file_a_shipped_study_or_the_store(tmp_path):
+    assert specs.study_name("quickstart") == "quickstart"
+    assert specs.study_name(str(specs.shipped("quickstart"))) == "quickstart"
+    assert specs.study_name(str(write(tmp_path, BASE.replace("name: t", "name: other")))) == "other"
+    assert specs.study_name("only_in_the_store") == "only_in_the_store"
+    with pytest.raises(specs.SpecError, match="no study 'name'"):
+        specs.study_name(str(write(tmp_path, "tasks: []\n", "nameless.yaml")))

@@ -121,3 +121,39 @@ def test_trial_line_fields(tmp_path):
     assert (cell, kind, int(slot_), state, metric, float(value), unit) == (
         "adding(seq_len=8)/rnn", "search", queue.slot(t), "COMPLETE", "loss", t.value, "s")
     assert float(seconds) >= 0
+
+
+def test_a_cell_failing_alike_is_stopped_and_shown(tmp_path):
+    """The first 3 search slots FAIL with one error (numbers masked): the launcher's check stops the cell,
+    closes its waiting trials (not counted), and `status` shows it stopped."""
+    from studies.launcher import stop_failing
+
+    assert queue.error_kind("Divergence: loss became nan at step 3") == queue.error_kind(
+        "Divergence: loss became inf at step 12")
+    assert queue.error_kind("ValueError: a") != queue.error_kind("TypeError: a")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.replace("trials: 2", "trials: 5"))
+    spec, _, _ = specs.load(path)
+    root = tmp_path / "runs"
+    root.mkdir()
+    storage = JournalStorage(JournalFileBackend(str(root / "optuna.journal")))
+    queue.prepare_studies(spec, storage)
+    top_up(spec, storage)
+    first = queue.progress(spec, storage)[0]
+    for t in sorted(first.search_trials, key=queue.slot)[:3]:
+        tid = queue.trial_id(t)
+        storage.set_trial_state_values(tid, TrialState.RUNNING)
+        queue.set_attr(storage, tid, "error", f"Divergence: training loss became nan at step {queue.slot(t) + 1}")
+        storage.set_trial_state_values(tid, TrialState.FAIL)
+        if queue.slot(t) == 1:
+            assert stop_failing(spec, storage, queue.progress(spec, storage))[0].stopped is None  # 2 of 3
+    rows = stop_failing(spec, storage, queue.progress(spec, storage))
+    assert rows[0].stopped == "Divergence: training loss became nan at step 1" and rows[0].done()
+    assert [r.stopped for r in rows[1:]] == [None] * (len(rows) - 1)
+    row = queue.progress(spec, storage)[0]
+    assert row.stopped and row.search["counted"] == 3 and row.search["interrupted"] == 2
+    top_up(spec, storage)  # a stopped cell gets no new trials
+    assert queue.progress(spec, storage)[0].search["WAITING"] == 0
+    out = rnnbench("status", path, "--root", root).stdout
+    assert f"{row.cell.key}  stopped: Divergence: training loss became nan at step 1" in out
+    assert "(1 stopped)" in out

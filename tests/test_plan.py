@@ -1,0 +1,69 @@
+"""`rnnbench plan`: it validates like `run`, writes nothing but its calibration cache, and its estimate of a
+real tiny study's wall time is within a factor of 2 of what `rnnbench run` takes."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from conftest import TINY, rnnbench
+from studies.plan import makespan
+
+UNITS = {"s": 1, "min": 60, "h": 3600}
+
+
+def estimate_seconds(stdout: str) -> float:
+    value, unit = re.search(r"^estimate: ([\d.]+) (s|min|h) ", stdout, re.M).groups()
+    return float(value) * UNITS[unit]
+
+
+def test_plan_estimates_a_real_study_within_a_factor_of_2(tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY)
+    out = rnnbench("plan", spec, "--root", tmp_path / "plan").stdout
+    assert "study tiny" in out and "6 cells, 24 runs" in out
+    assert re.search(r"^adding\(seq_len=8\)/lstm\s+16\s+1,297\s+2\+2 ", out, re.M), out  # 4H(in+H+2) + H+1
+    planned = estimate_seconds(out)
+    start = time.perf_counter()
+    rnnbench("run", spec, "--root", tmp_path / "runs")
+    actual = time.perf_counter() - start
+    assert 0.5 < actual / planned < 2, f"planned {planned:.0f} s, took {actual:.0f} s\n{out}"
+
+
+def test_plan_writes_nothing_but_its_cache(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(TINY.replace("variants: [rnn, lstm]", "variants: [rnn]").replace("seq_len: [8, 12]", "seq_len: 8"))
+    root = tmp_path / "runs"
+    first = rnnbench("plan", spec, "--root", root, "--workers", "2").stdout
+    assert sorted(p.name for p in root.iterdir()) == ["plan-cache.json"]
+    assert "calibrated 2 configuration(s) now" in first and "with 2 worker(s)" in first
+    again = rnnbench("plan", spec, "--root", root).stdout
+    assert "calibrated 0 configuration(s) now" in again  # from the cache
+    assert sorted(p.name for p in root.iterdir()) == ["plan-cache.json"]
+
+
+def test_plan_refuses_a_bad_study_like_run(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(TINY.replace("trials: 2", "trails: 2"))
+    for command in ("plan", "run"):
+        proc = rnnbench(command, spec, "--root", tmp_path / "runs", check=False)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"error: {spec}: trails: unknown field"
+        assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("workers, cores, expected", [
+    (1, 2, 8 * 1 + 2 * 2),  # one worker: the sum
+    (2, 2, None),  # two: less than the sum, more than half of it (1.6x at best)
+])
+def test_makespan_list_schedules_with_generations_and_replicates(workers, cores, expected):
+    cells = [(1.0, 4, 2.0, 1), (1.0, 4, 2.0, 1)]  # per cell: 4 search trials of 1 s, 1 replicate run of 2 s
+    seconds = makespan(cells, workers, generation=2, cores=cores)
+    if expected is not None:
+        assert seconds == pytest.approx(expected)
+    else:
+        assert 12 / 1.6 - 1e-9 <= seconds < 12
+    # a replicate run waits for its cell's search; a generation for the one before it
+    assert makespan([(1.0, 1, 5.0, 1)], 4, 1, 4) == pytest.approx(6.0)
+    assert makespan([(1.0, 4, 0.0, 0)], 8, 2, 8) > makespan([(1.0, 4, 0.0, 0)], 8, 4, 8)
