@@ -22,7 +22,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import free_port, rnnbench, wait_for
+from studies import spec as specs
 from studies.store import Store
+from studies.tracking import run_name
 
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no headless browser here: apt-get install -y chromium")
@@ -111,6 +113,7 @@ def test_a_taken_port_fails_at_once_in_one_line(tmp_path, command):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 @needs_chromium
 def test_dashboard_opens_the_study_in_the_training_view_and_stops_cleanly(tiny_study, tmp_path):
@@ -138,8 +141,7 @@ def test_dashboard_opens_the_study_in_the_training_view_and_stops_cleanly(tiny_s
         dom = chromium(tmp_path, "--dump-dom", f"--screenshot={shot}", link)  # the page after its scripts ran
         assert "tiny" in dom and "matching runs" in dom  # the runs table...
         assert "Judges" not in dom and "Sessions" not in dom  # ...not the GenAI view (traces, sessions, judges)
-        cells = ["adding(seq_len=8)/rnn", "adding(seq_len=8)/lstm", "adding(seq_len=12)/rnn",
-                 "adding(seq_len=12)/lstm", "copy_memory(seq_len=5,n_copy=2)/rnn", "copy_memory(seq_len=5,n_copy=2)/lstm"]
+        cells = [run_name(c) for c in specs.cells(specs.load(tiny_study.spec)[0])]  # e.g. "rnn · adding T=8"
         listed = [c for c in cells if c in dom]
         assert len(listed) >= 3, f"runs listed in the MLflow UI: {listed}"
         assert is_png(shot)

@@ -229,6 +229,7 @@ def wait_for_trials(storage_url: str, spec, ended: int, procs: dict, timeout: fl
     raise AssertionError(f"fewer than {ended} trials ended in {timeout} s")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_launcher_and_remote_workers_share_postgres_and_a_tracking_server(postgres, tracking_server, tmp_path):
     postgres.create_database("optuna")

@@ -72,6 +72,7 @@ pruner: none
 """
 
 
+@pytest.mark.slow
 def test_kill_9_mid_trial_then_resume(tmp_path):
     spec_path, root = write_spec(tmp_path, KILL), tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, "-m", "rnnbench", "run", str(spec_path), "--root", str(root)],
@@ -104,14 +105,6 @@ def test_kill_9_mid_trial_then_resume(tmp_path):
     assert len(interrupted_trials) == len(interrupted)
     assert len([r for r in runs if r.data.tags["rnnbench.kind"] == "replicate"
                 and "rnnbench.interrupted" not in r.data.tags]) == 2
-
-
-def test_two_workers_share_the_queue(tmp_path):
-    spec_path, root = write_spec(tmp_path, KILL.replace("steps: 200", "steps: 40")), tmp_path / "runs"
-    rnnbench("run", spec_path, "--root", root, "--workers", 2)
-    runs = assert_consistent(root, spec_path, "killme", trials=3)
-    assert len(runs) == 2 * (3 + 1)
-    assert len({r.data.tags["rnnbench.worker"] for r in runs}) == 2
 
 
 def test_divergence_fails_one_trial_not_the_study(tmp_path):
@@ -160,29 +153,6 @@ def test_busy_root_is_refused(tmp_path):
         assert proc.returncode == 2 and "another `rnnbench run`" in proc.stderr
     finally:
         os.close(fd)
-
-
-def test_same_spec_and_seed_give_the_same_numbers(tmp_path):
-    spec_path = write_spec(tmp_path, """\
-        name: det
-        seed: 7
-        tasks: [{task: adding, seq_len: 10}]
-        variants: [gru]
-        model: {hidden_size: 8}
-        train: {steps: 20, eval_every: 10, eval_size: 32, batch_size: 8}
-        search_space:
-          lr: {type: float, low: 1.0e-3, high: 1.0e-1, log: true}
-          batch_size: {type: categorical, choices: [4, 8, 16]}
-        trials: 3
-        replicates: 1
-        """)
-    values = []
-    for root in ("a", "b"):
-        rnnbench("run", spec_path, "--root", tmp_path / root)
-        ts = trials_of(tmp_path / root, spec_path)["adding(seq_len=10)/gru"]
-        values.append([(t.params, t.value) for t in ts])
-    assert values[0] == values[1]
-    assert len({v[0]["lr"] for v in values[0]}) == 3  # and the trials did differ from each other
 
 
 def test_reap_closes_dead_or_silent_workers_trials_only(tmp_path):
@@ -240,7 +210,7 @@ pruner: median
 """
 
 
-@pytest.mark.parametrize("population", ["off", "auto"])
+@pytest.mark.parametrize("population", ["off", pytest.param("auto", marks=pytest.mark.slow)])
 def test_results_do_not_depend_on_the_number_of_workers(tmp_path, population):
     """Issue case 10: 16 TPE trials (the last 4 sampled by TPE itself, after its 10 random startup
     trials) with the median pruner give the same params, values and states with 1 and 2 workers; with
@@ -270,6 +240,7 @@ def test_a_worker_with_an_edited_study_file_is_refused(tiny_study, tmp_path):
     assert "cell adding(seq_len=8)/rnn" in proc.stderr and "changed this cell's definition" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_grid_with_fewer_trials_than_points_samples_it_evenly(tmp_path):
     """Issue case 8: 3 trials of a 3x3 grid take 3 distinct points in a seeded random order (not the
     first row of the grid product), the same on every run."""
@@ -300,6 +271,7 @@ def test_a_grid_with_fewer_trials_than_points_samples_it_evenly(tmp_path):
         [(s, points[s]["lr"], points[s]["batch_size"]) for s in range(3)]
 
 
+@pytest.mark.slow
 def test_growing_a_study_gives_the_new_best_its_own_replicates(tmp_path):
     """Issue case 6: replicates belong to one source trial. Raising `trials` until another trial is
     best adds that trial's replicates; the old ones stay, superseded; raising `replicates` adds runs of
@@ -347,14 +319,13 @@ def test_growing_a_study_gives_the_new_best_its_own_replicates(tmp_path):
 
 def test_replicates_trained_as_a_population_match_runs_alone(tmp_path):
     """`train.population: 4` trains a cell's 4 replicate runs as one module; the study's MLflow runs,
-    counts and statuses are those of `population: off`, and each replicate's objective agrees. And a
-    replicate's numbers do not depend on how the runs were grouped: populations of at most 3 (groups of 3
-    and 1) give exactly the numbers of one population of 4."""
+    counts and statuses are those of `population: off`, and each replicate's objective agrees (that a run's
+    numbers do not depend on how runs were grouped is checked with TPE trials on 1 and 2 workers)."""
     text = """\
         name: pop
         seed: 4
         tasks: [{task: adding, seq_len: 8}]
-        variants: [peephole, gru_cho]
+        variants: [peephole]
         model: {hidden_size: 8}
         train: {steps: 30, eval_every: 10, eval_size: 32, batch_size: 8, population: %s}
         search_space: {lr: {type: categorical, choices: [0.01]}}
@@ -363,20 +334,19 @@ def test_replicates_trained_as_a_population_match_runs_alone(tmp_path):
         replicates: 4
         """
     outcome = {}
-    for setting in ("off", "4", "3"):
+    for setting in ("off", "4"):
         spec_path = write_spec(tmp_path, text % setting, f"{setting}.yaml")
         rnnbench("run", spec_path, "--root", tmp_path / setting)
         runs = assert_consistent(tmp_path / setting, spec_path, "pop", trials=1)
         outcome[setting] = {(r.data.tags["rnnbench.cell"], r.data.tags["rnnbench.kind"], r.data.tags["rnnbench.slot"]):
                             (r.info.status, r.data.metrics["objective"], r.data.tags.get("rnnbench.population"))
                             for r in runs}
-    assert outcome["off"].keys() == outcome["4"].keys() and len(outcome["off"]) == 2 * (1 + 4)
+    assert outcome["off"].keys() == outcome["4"].keys() and len(outcome["off"]) == 1 + 4
     for key, (status, value, group) in outcome["4"].items():
         alone_status, alone, no_group = outcome["off"][key]
         assert status == alone_status == "FINISHED" and no_group is None
         assert value == pytest.approx(alone, rel=0.01)
         assert (group is not None) == (key[1] == "replicate")  # replicates trained together, tagged so
-    assert {k: v[:2] for k, v in outcome["3"].items()} == {k: v[:2] for k, v in outcome["4"].items()}
 
 
 def test_run_names_lead_with_what_differs(tiny_study):
@@ -396,6 +366,7 @@ def test_run_names_lead_with_what_differs(tiny_study):
     assert {"lr", "hidden_size"} <= set(trial.data.params)
 
 
+@pytest.mark.slow
 def test_a_cell_whose_first_trials_fail_alike_is_stopped(tmp_path):
     """A cell whose first 3 trials all fail with the same error (numbers aside) is stopped: said at once,
     no more trials, counted as done; `run` exits 1 saying the study did not complete; the cell stays
@@ -451,6 +422,7 @@ def test_a_cell_whose_first_trials_fail_alike_is_stopped(tmp_path):
     assert rnn.stopped is not None and rnn.stop_check_from > 0 and rnn.search["counted"] == first + 3
 
 
+@pytest.mark.slow
 def test_report_and_status_take_the_study_file_too(tiny_study, tmp_path):
     """`report` names a study as `run` and `status` do: by its file (its `name` is used) or a store name."""
     out = rnnbench("report", tiny_study.spec, "--root", tiny_study.root, "--out", tmp_path / "r").stdout

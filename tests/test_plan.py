@@ -19,6 +19,7 @@ def estimate_seconds(stdout: str) -> float:
     return float(value) * UNITS[unit]
 
 
+@pytest.mark.slow
 def test_plan_estimates_a_real_study_within_a_factor_of_2(tmp_path):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(TINY)
@@ -32,6 +33,7 @@ def test_plan_estimates_a_real_study_within_a_factor_of_2(tmp_path):
     assert 0.5 < actual / planned < 2, f"planned {planned:.0f} s, took {actual:.0f} s\n{out}"
 
 
+@pytest.mark.slow
 def test_plan_writes_nothing_but_its_cache(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text(TINY.replace("variants: [rnn, lstm]", "variants: [rnn]").replace("seq_len: [8, 12]", "seq_len: 8"))

@@ -57,6 +57,7 @@ def tiny_example(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_example_study_runs_and_reports_the_user_cell(tmp_path):
     spec_path = tiny_example(tmp_path)
     rnnbench("run", spec_path, "--root", tmp_path / "runs")

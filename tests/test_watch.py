@@ -65,6 +65,7 @@ def wait_until(condition, timeout: float, what: str, *procs):
     raise AssertionError(f"{what}: not within {timeout} s")
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 @needs_chromium
 @pytest.mark.timeout(240)

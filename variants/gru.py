@@ -21,16 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from variants import register
-from variants.lstm import flatten_native
+from variants.lstm import NativeWeights
 
 
 @register("gru", description="GRU, reset after the recurrent matmul (torch.nn.GRU; native kernel)",
           paper="Cho et al. 2014")
 @register("gru_cho", description="GRU as in the paper, reset before the recurrent matmul: U(r*h)",
           paper="Cho et al. 2014", reset_after=False)
-class GRU(nn.Module):
+class GRU(NativeWeights):
     """Batch-first GRU. ``self.native`` (True for reset_after=True) picks torch's fused kernel; setting it
     to False forces the step-by-step loop (the tests do, to prove the loop is right)."""
+
+    cudnn_mode = "GRU"
 
     def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0, *, reset_after=True):
         super().__init__()
@@ -51,18 +53,6 @@ class GRU(nn.Module):
     def extra_repr(self):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, dropout={self.dropout}, "
                 f"reset_after={self.reset_after}, native={self.native}")
-
-    def _native_weights(self):
-        """The fused kernel's weight list, torch's order: per layer weight_ih, weight_hh, bias_ih, bias_hh."""
-        return [getattr(self, f"{n}_l{k}") for k in range(self.num_layers)
-                for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-
-    def _apply(self, fn, recurse=True):
-        """After ``.to()``/``.cuda()``: the native path's weights into one cuDNN buffer (lstm.flatten_native)."""
-        out = super()._apply(fn, recurse)
-        if self.native:
-            flatten_native(self, "GRU")
-        return out
 
     def forward(self, x, state=None):
         if state is None:

@@ -51,12 +51,32 @@ from variants import register
 _GREFF = "Greff et al. 2017, LSTM: A Search Space Odyssey"
 
 
-class LSTM(nn.Module):
+class NativeWeights(nn.Module):
+    """Base of the variants with a native fused path (``self.native``): its weights, in torch's order,
+    kept in one cuDNN buffer after ``.to()``/``.cuda()`` (see :func:`flatten_native`)."""
+
+    cudnn_mode = ""  # "LSTM", "GRU"
+
+    def _native_weights(self):
+        """The fused kernel's weight list, torch's order: per layer weight_ih, weight_hh, bias_ih, bias_hh."""
+        return [getattr(self, f"{n}_l{k}") for k in range(self.num_layers)
+                for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.native:
+            flatten_native(self, self.cudnn_mode)
+        return out
+
+
+class LSTM(NativeWeights):
     """Batch-first LSTM family; see the module docstring for the equations and switches.
 
     ``self.native`` is True when the switches leave torch's equations unchanged; the fused kernel is used
     then. Setting it to False forces the step-by-step loop (the tests do, to prove the loop is right).
     """
+
+    cudnn_mode = "LSTM"
 
     def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0, *,
                  input_gate=True, forget_gate=True, output_gate=True, input_activation=True,
@@ -132,18 +152,6 @@ class LSTM(nn.Module):
         on = {k: v for k, v in _switches(self).items() if v != LSTM_DEFAULTS[k]}
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"dropout={self.dropout}, native={self.native}" + "".join(f", {k}={v}" for k, v in on.items()))
-
-    def _native_weights(self):
-        """The fused kernel's weight list, torch's order: per layer weight_ih, weight_hh, bias_ih, bias_hh."""
-        return [getattr(self, f"{n}_l{k}") for k in range(self.num_layers)
-                for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-
-    def _apply(self, fn, recurse=True):
-        """After ``.to()``/``.cuda()``: the native path's weights into one cuDNN buffer (see flatten_native)."""
-        out = super()._apply(fn, recurse)
-        if self.native:
-            flatten_native(self, "LSTM")
-        return out
 
     def _state_sizes(self):
         """The last dimension of each state tensor: (H, H), plus S*H for the gate activations with FGR."""
