@@ -82,3 +82,23 @@ def tiny_study(tmp_path_factory) -> StudyRun:
     spec.write_text(TINY)
     proc = rnnbench("run", spec, "--root", base / "runs")
     return StudyRun(spec, base / "runs", "tiny", proc.stdout)
+
+
+@pytest.fixture
+def registries(tmp_path_factory):
+    """Leave VARIANTS, TASKS and sys.modules as found: tests register user cells and tasks (from examples/
+    and from pytest's tmp folders), and other tests list every registered name. Only modules from those
+    folders are forgotten: a checkout or its venv may itself live under /tmp."""
+    from tasks import TASKS
+    from variants import VARIANTS
+
+    before = dict(VARIANTS), dict(TASKS), set(sys.modules)
+    yield
+    for registry, old in zip((VARIANTS, TASKS), before):
+        for name in set(registry) - set(old):
+            del registry[name]
+    folders = (str(Path(__file__).resolve().parent.parent / "examples"), str(tmp_path_factory.getbasetemp()))
+    for name in set(sys.modules) - before[2]:
+        where = getattr(sys.modules[name], "__file__", None) or ""
+        if name == "examples" or where.startswith(folders):
+            del sys.modules[name]

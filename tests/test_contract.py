@@ -11,7 +11,6 @@ import hashlib
 import math
 import random
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -36,21 +35,6 @@ from conftest import rnnbench
 torch.set_flush_denormal(True)
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-
-
-@pytest.fixture
-def registries():
-    """Leave VARIANTS, TASKS and sys.modules as found: the registries are global, and other test modules
-    list every registered name."""
-    before = dict(VARIANTS), dict(TASKS), set(sys.modules)
-    yield
-    for registry, old in zip((VARIANTS, TASKS), before):
-        for name in set(registry) - set(old):
-            del registry[name]
-    for name in set(sys.modules) - before[2]:
-        where = getattr(sys.modules[name], "__file__", None) or ""
-        if name == "examples" or where.startswith((str(EXAMPLES), tempfile.gettempdir())):
-            del sys.modules[name]
 
 
 def failed(results) -> dict[str, str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -22,20 +21,6 @@ from variants import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-
-
-@pytest.fixture
-def registries():
-    """Leave VARIANTS, TASKS and sys.modules as found: study files here import modules from tmp folders."""
-    before = dict(VARIANTS), dict(TASKS), set(sys.modules)
-    yield
-    for registry, old in zip((VARIANTS, TASKS), before):
-        for name in set(registry) - set(old):
-            del registry[name]
-    for name in set(sys.modules) - before[2]:
-        where = getattr(sys.modules[name], "__file__", None) or ""
-        if where.startswith(tempfile.gettempdir()):
-            del sys.modules[name]
 
 
 def tiny_example(folder: Path) -> Path:
