@@ -22,7 +22,7 @@ from pathlib import Path
 
 from studies import queue
 from studies.crash import crash_point
-from studies.spec import Cell, Spec, cells
+from studies.spec import Cell, Spec
 from studies.store import Store, pid_alive
 from studies.tracking import close_run, describe_experiment, finish_parents, parent_runs, reconcile_runs
 

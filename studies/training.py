@@ -9,7 +9,6 @@ Many replicates of one configuration train together as one population: ``studies
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable

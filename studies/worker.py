@@ -280,7 +280,7 @@ class Worker:
     def train_jobs(self, jobs: list[Job], population: bool = False) -> list:
         """Build the model(s) for the trials' hyperparameters, train, log as it goes. Returns each trial's
         outcome: its objective, or the exception that ended it (a population's members fail alone)."""
-        spec, client = self.spec, self.client
+        spec = self.spec
         cell = jobs[0].cell
         task = cell.build_task()
         hps = [hyperparameters(spec, cell, job.trial) for job in jobs]

@@ -58,7 +58,8 @@ def check(name: str, **settings: Any) -> list[CheckResult]:
     try:
         task = build_task(name, **settings)
     except Exception as e:  # noqa: BLE001 - reported as the first check, which stops here
-        return run_checks([("settings", lambda: _raise(e))])
+        error = e
+        return run_checks([("settings", lambda: _raise(error))])
     return run_checks([
         ("settings", lambda: None),
         ("declarations", lambda: _declarations(task)),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,8 +15,6 @@ import yaml
 
 from conftest import rnnbench
 from studies import spec as specs
-from tasks import TASKS
-from variants import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
