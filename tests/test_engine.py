@@ -430,3 +430,28 @@ def test_report_and_status_take_the_study_file_too(tiny_study, tmp_path):
     assert "cells done" in rnnbench("status", tiny_study.spec, "--root", tiny_study.root).stdout
     missing = rnnbench("report", "quickstart", "--root", tiny_study.root, "--out", tmp_path / "q", check=False)
     assert missing.returncode == 2 and "quickstart" in missing.stderr  # the shipped study: its name, not in this store
+
+
+def test_a_worker_id_other_than_the_hostname_is_left_to_the_heartbeat_rule():
+    """`rnnbench worker --worker-id NAME` signs trials NAME:pid: a reaper on this host must not take a dead
+    pid of its own for that worker's (containers sharing a hostname), only a silent heartbeat."""
+    from types import SimpleNamespace
+
+    from studies.launcher import why_dead
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host, now = os.uname().nodename, time.time()
+
+    def trial(worker, beat):
+        return SimpleNamespace(user_attrs={"worker": worker, "heartbeat": beat}, datetime_start=None)
+    assert why_dead(trial(f"{host}:{dead.pid}", now), host, now, 900, 60) is not None  # hostname: pid checked
+    assert why_dead(trial(f"node-7:{dead.pid}", now), host, now, 900, 60) is None  # worker id: not ours to check
+    assert why_dead(trial(f"node-7:{dead.pid}", now - 1000), host, now, 900, 60) is not None  # silent: reaped
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_a_device_this_machine_lacks_is_one_line_before_anything_is_written(tmp_path):
+    proc = rnnbench("run", "quickstart", "--root", tmp_path / "runs", "--device", "cuda", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --device:") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
