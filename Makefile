@@ -8,7 +8,9 @@ STAMP  := $(VENV)/.installed
 ROOT   ?= runs
 WORKERS ?= 2
 
-.PHONY: quickstart test test-all bench dashboard clean
+REFERENCE := studies/results/odyssey
+
+.PHONY: quickstart test test-all bench dashboard reference figures clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "rnnbench needs Python 3.11; set PYTHON=/path/to/python3.11")'
@@ -28,6 +30,19 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The reference study (studies/odyssey.yaml, about 1.5 h with 2 workers on 2 cores; resumes if stopped),
+# then its tables copied over the shipped ones: `git diff studies/results` shows what moved on this machine.
+reference: $(STAMP)
+	$(BIN)/rnnbench run odyssey --root $(ROOT) --workers $(WORKERS)
+	$(BIN)/rnnbench report odyssey --root $(ROOT)
+	mkdir -p $(REFERENCE)
+	cp $(ROOT)/reports/odyssey/*.parquet $(ROOT)/reports/odyssey/*.csv $(ROOT)/reports/odyssey/manifest.json $(REFERENCE)/
+
+# The shipped reference report redrawn from the shipped tables alone (no training, no MLflow).
+figures: $(STAMP)
+	$(BIN)/rnnbench report --from $(REFERENCE) --out $(ROOT)/reports/odyssey-shipped
+	@echo "Report: $(ROOT)/reports/odyssey-shipped/index.html"
 
 bench: $(STAMP)
 	$(BIN)/rnnbench bench

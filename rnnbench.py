@@ -240,21 +240,22 @@ def worker(spec, root, threads, storage, tracking_uri, stale_after, device, work
 @click.option("--stale-after", type=float, default=None, metavar="SECONDS",
               help="The workers' --stale-after; give the coordinator's. Default: the worker's (900).")
 @click.option("--submit", is_flag=True, help="Also submit it with sbatch and print the job id.")
+@SET
 @user_errors
 def slurm(spec, workers, storage, tracking_uri, time_limit, partition, cpus_per_task, mem, python, root, out,
-          stale_after, submit):
+          stale_after, submit, overrides):
     """Write an sbatch script running --workers workers of SPEC as a Slurm array job (and --submit it).
 
     The study's coordinator runs outside the job: `rnnbench run SPEC --workers 0` with the same --storage
     and --tracking-uri (on the login node, say): it prepares the study and keeps its queue. The tasks wait
-    until the study is prepared, and exit when every cell is done. See docs/distributed.md.
+    until the study is prepared, and exit when every cell is done. Give it, and the coordinator, the same
+    --set as the study: the tasks' workers get them too. See docs/distributed.md.
     """
     import re
-    import shlex
     import subprocess
 
     from studies import spec as specs
-    from studies.slurm import check_stores, sbatch_script
+    from studies.slurm import check_stores, sbatch_script, shell_join
 
     try:
         check_stores(storage, tracking_uri)
@@ -262,7 +263,8 @@ def slurm(spec, workers, storage, tracking_uri, time_limit, partition, cpus_per_
         raise UserError(str(e)) from None
     if workers < 1:
         raise UserError(f"--workers {workers}: an array job needs at least 1 task")
-    parsed, path, _ = specs.load(spec)  # a mistake in the study file is refused now, not on the nodes
+    # a mistake in the study file or an override is refused now, not on the nodes
+    parsed, path, _ = specs.load(spec, overrides)
     folder = (root / "slurm" / parsed.name).absolute()
     out = (out or folder / f"{parsed.name}.sbatch").absolute()
     try:
@@ -270,7 +272,7 @@ def slurm(spec, workers, storage, tracking_uri, time_limit, partition, cpus_per_
                              tracking_uri=tracking_uri, folder=folder,
                              python=str(Path(python or sys.executable).absolute()), workdir=Path.cwd(),
                              time=time_limit, partition=partition, cpus_per_task=cpus_per_task, mem=mem,
-                             stale_after=stale_after)
+                             stale_after=stale_after, overrides=overrides)
     except ValueError as e:
         raise UserError(str(e)) from None
     folder.mkdir(parents=True, exist_ok=True)  # sbatch does not create the folder of --output
@@ -285,11 +287,12 @@ def slurm(spec, workers, storage, tracking_uri, time_limit, partition, cpus_per_
     shown = re.sub(r"(://[^:/@]+):[^@/]+@", r"\1:***@", storage)  # no password on the terminal
     click.echo(f"wrote {out}: {workers} worker(s) of study {parsed.name} as a Slurm array job")
     click.echo("the coordinator (it prepares the study and keeps its queue), on a machine that stays up:")
-    click.echo(f"  rnnbench run {shlex.quote(str(path))} --workers 0 --storage {shlex.quote(shown)} "
-               f"--tracking-uri {shlex.quote(tracking_uri)}"
-               + (f" --stale-after {stale_after:g}" if stale_after is not None else ""))
+    coordinator = [path, "--workers", "0", "--storage", shown, "--tracking-uri", tracking_uri]
+    coordinator += ["--stale-after", f"{stale_after:g}"] if stale_after is not None else []
+    coordinator += [arg for override in overrides for arg in ("--set", override)]
+    click.echo(f"  rnnbench run {shell_join(coordinator)}")
     if not submit:
-        click.echo(f"submit: sbatch {shlex.quote(str(out))}")
+        click.echo(f"submit: sbatch {shell_join([out])}")
         return
     try:
         proc = subprocess.run(["sbatch", "--parsable", str(out)], capture_output=True, text=True, timeout=120)
@@ -313,10 +316,15 @@ def status(spec, root, storage, overrides):
     """Trials finished/pruned/failed/running per cell, best objective, replication progress. SPEC: a study
     file or a shipped study's name, with the --set the study was run with."""
     from studies import spec as specs
-    from studies.queue import progress
+    from studies.queue import prepared_as_defined, progress
     from studies.progress import status_table
 
-    parsed, _, _ = specs.load(spec, overrides)
+    # Without torch where it can (its import is most of this command's time): the study file is checked in
+    # full, as `run` checks it, unless the store holds every cell as the file defines it (`run` checked those).
+    try:
+        parsed, _, _ = specs.load(spec, overrides, deep=False)
+    except specs.SpecError:
+        parsed, _, _ = specs.load(spec, overrides)  # the error `run` gives
     if storage:
         optuna_storage = _store(root, storage).optuna_storage()
     else:  # the journal alone: studies.store would import MLflow, most of this command's time
@@ -324,8 +332,11 @@ def status(spec, root, storage, overrides):
 
         journal = root.resolve() / "optuna.journal"
         if not journal.exists():
+            specs.load(spec, overrides)  # a mistake in the study file is said first
             raise UserError(f"{root.resolve()}: no study store here yet; run `rnnbench run {spec} --root {root}` first")
         optuna_storage = JournalStorage(JournalFileBackend(str(journal)))
+    if not parsed.deep and not prepared_as_defined(parsed, optuna_storage):
+        parsed, _, _ = specs.load(spec, overrides)
     status_table(parsed, progress(parsed, optuna_storage))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import tempfile
 from pathlib import Path
 
@@ -83,6 +84,10 @@ def collect(client: MlflowClient, study: str, storage=None) -> Tables:
         "study_file": text,
         "tracking_uri": client.tracking_uri,
         "git_commits": _counts(r.data.tags.get("rnnbench.git_commit", "unknown") for r in runs),
+        "hosts": _counts(r.data.tags.get("rnnbench.host", "unknown") for r in runs),
+        "torch_threads": _counts(r.data.tags.get("rnnbench.torch_threads", "unknown") for r in runs),
+        "devices": _counts(r.data.tags.get("rnnbench.device", "unknown") for r in runs),
+        "machine_at_collection": machine(),
         "runs_from_dirty_tree": sum(r.data.tags.get("rnnbench.git_dirty") == "true" for r in runs),
         "versions_of_runs": {k.removeprefix("rnnbench.version."): sorted(v) for k, v in _tag_values(runs).items()},
         "versions_at_collection": package_versions(COLLECT_PACKAGES),
@@ -90,6 +95,19 @@ def collect(client: MlflowClient, study: str, storage=None) -> Tables:
         "mlflow_run_ids": sorted(r.info.run_id for r in runs),
     }
     return tables
+
+
+def machine() -> dict[str, object]:
+    """The collecting machine, in words: OS, CPU model and logical CPUs (the runs' own hosts are in ``hosts``)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"os": platform.platform(terse=True), "cpu": cpu, "logical_cpus": os.cpu_count()}
 
 
 def _counts(values) -> dict[str, int]:

@@ -8,6 +8,7 @@ the page) and SVG (for papers), written with fixed metadata so regenerations are
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,12 +18,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from reports.stats import selected_runs, unit_of  # noqa: E402
+from reports.stats import selected_runs, unit_of, with_capacity  # noqa: E402
 from reports.tables import Tables  # noqa: E402
 
 FORMATS = ("png", "svg")
@@ -58,6 +59,31 @@ def log_ticks(ax, values) -> None:
     ax.tick_params(axis="x", labelrotation=45)
 
 
+def count_ticks(ax, values) -> None:
+    """Readable ticks on a log x axis of counts: 1-2-5 steps, labels 500, 2k, 1.5M; the data's ends when
+    they span too little for two such ticks."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    steps = [m * 10.0 ** e for e in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+             for m in (1, 2, 5)]
+    inside = [t for t in steps if lo <= t <= hi]
+    ax.xaxis.set_major_locator(FixedLocator(inside if len(inside) >= 2 else sorted({lo, hi})))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: count_label(v)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def count_label(v: float) -> str:
+    """500, 2k, 12.5k, 1.5M."""
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if v >= scale:
+            return f"{v / scale:.3g}{suffix}"
+    return f"{v:.3g}"
+
+
+def capacity_label(variant: str, field: str, value) -> str:
+    """A variant at one value of a capacity ladder, as run names write it: ``lstm h=64``, ``lstm 5000 params``."""
+    return f"{variant} h={int(value)}" if field == "hidden_size" else f"{variant} {int(value)} params"
+
+
 @contextmanager
 def style():
     """seaborn's paper style plus the fixed settings above; numpy's global random state (which
@@ -88,9 +114,32 @@ class Painter:
         self.runs = selected_runs(tables.results) if len(tables.results) else tables.results
         self.unit = unit_of(tables.results) if len(tables.results) else "replicate"
         self.order = tables.variants
-        self.palette = dict(zip(self.order, sns.color_palette("colorblind", max(len(self.order), 1))))
         self.metric = tables.objective_metric
         self.minimize = tables.direction == "minimize"
+        # With a capacity ladder the capacity figure draws each variant across its values; every other figure
+        # draws each (variant, capacity value) as a variant of its own, "lstm h=64".
+        self.variant_runs, self.variant_cells, self.variant_order = self.runs, self.cells, self.order
+        self.capacity_field = None
+        if "capacity_value" in with_capacity(tables.results):
+            self.capacity_field = with_capacity(tables.results).capacity.iloc[0]
+            self._split_capacities()
+        self.palette = dict(zip(self.order, sns.color_palette("colorblind", max(len(self.order), 1))))
+        self.variant_palette = dict(zip(self.variant_order, sns.color_palette("colorblind", max(len(self.variant_order), 1))))
+
+    def _split_capacities(self) -> None:
+        """Relabel every table the per-variant figures read: variant -> ``lstm h=64`` (its capacity value)."""
+        results = with_capacity(self.t.results)
+        label = {cell: capacity_label(v, self.capacity_field, x)
+                 for cell, v, x in zip(results.cell, results.variant, results.capacity_value)}
+        values = sorted(results.capacity_value.dropna().unique())
+        self.order = [capacity_label(v, self.capacity_field, x) for v in self.order for x in values
+                      if capacity_label(v, self.capacity_field, x) in label.values()]
+        importance = self.t.importance.assign(variant=self.t.importance.cell.map(label))
+        self.t = dataclasses.replace(self.t, results=results.assign(variant=results.cell.map(label)),
+                                     importance=importance)
+        self.runs = self.runs.assign(variant=self.runs.cell.map(label))
+        self.cells = self.cells.assign(variant=[capacity_label(v, self.capacity_field, x) for v, x in
+                                                zip(self.cells.variant, self.cells.capacity_value)])
 
     # --- helpers -------------------------------------------------------------------------------
     def panels(self, n: int, width: float = 3.4, height: float = 3.2, sharey=True):
@@ -247,6 +296,55 @@ class Painter:
             f"{self.metric} with its 95% Student-t interval. n in the legend: runs with a finite {self.metric} per "
             f"point ({span(n)}; a failed run also counts, as not solved, in the success rate)." + drawn))
 
+    # --- 2b. capacity ------------------------------------------------------------------------------
+    def capacity(self, task: str) -> Figure | str:
+        """Collins et al. 2017's view: the objective against the parameter count, one line per variant."""
+        if self.capacity_field is None:
+            return ("the study has a single model size (model.hidden_size and model.param_budget are not ladders), "
+                    "so there is no capacity curve; the cost figure shows each run's parameter count")
+        runs = self.variant_runs[(self.variant_runs.task == task) & self.variant_runs.value.notna()].copy()
+        cells = self.variant_cells[self.variant_cells.task == task]
+        if runs.empty or "param.n_params" not in runs:
+            return "no run has both a finite objective and a parameter count"
+        field = f"model.{self.capacity_field}"
+        if cells.capacity_value.nunique() == 1:
+            return (f"the study has a single {field} ({int(cells.capacity_value.iloc[0])}), so there is no "
+                    "capacity curve; the summary and the objective figure show that one value")
+        runs["parameters"] = pd.to_numeric(runs["param.n_params"], errors="coerce")
+        keys = ["ladder_value", "capacity_value", "variant"]
+        cells = cells.merge(runs.groupby(keys, as_index=False).parameters.median(), on=keys)
+        values, ladder = self.values(task), self.ladder(task)
+        fig, axes = self.panels(len(values), width=3.8)
+        drawn: set[str] = set()
+        for ax, value in zip(axes, values):
+            panel, dots = cells[cells.ladder_value == value], runs[runs.ladder_value == value]
+            for v in self.variant_order:
+                g = panel[panel.variant == v].sort_values("parameters")
+                if g.empty:
+                    continue
+                colour = self.variant_palette[v]
+                d = dots[dots.variant == v]
+                ax.scatter(d.parameters, d.value, s=12, alpha=0.45, color=colour, lw=0)
+                bar = [(g["mean"] - g.ci_low).fillna(0), (g.ci_high - g["mean"]).fillna(0)]  # n = 1: no bar
+                ax.errorbar(g.parameters, g["mean"], yerr=bar, marker="o", ms=4, capsize=3, lw=1.4, color=colour,
+                            label=v)
+            drawn |= set(self.references(ax, task, value))
+            ax.set_xscale("log")
+            count_ticks(ax, cells.parameters)
+            ax.set(title=f"{ladder} = {value}", xlabel="trainable parameters (log)", ylabel=f"final {self.metric}")
+        axes[-1].legend()
+        n = cells.set_index(["ladder_value", "variant"]).n
+        self.label_n(axes[-1], n)
+        self.finish(fig, axes, f"capacity_{task}", f"{task}: {self.metric} against parameter count",
+                    pd.concat([runs.value, cells["mean"]]), task)
+        sizes = ", ".join(str(int(x)) for x in sorted(cells.capacity_value.unique()))
+        return Figure(f"capacity_{task}", f"{task}: result against capacity", (
+            f"{task}: final held-out {self.metric} against the model's number of trainable parameters (log x; "
+            f"embedding, cell and read-out head), as Collins et al. 2017 compare cells; one line per variant through "
+            f"its cells at {field} = {sizes}: the mean of the {self.runs_word()} with its 95% Student-t interval "
+            f"(bar; none where n = 1; n in the legend, {span(n)} per point), dots: single runs; one panel per "
+            f"{ladder}{'; log y' if axes[0].get_yscale() == 'log' else ''}. " + self.reference_words(drawn)))
+
     # --- 3. learning curves --------------------------------------------------------------------------
     def learning(self, task: str) -> Figure | str:
         runs = self.runs[self.runs.task == task]
@@ -385,7 +483,7 @@ def gradient_medians(data: pd.DataFrame) -> pd.DataFrame:
     return medians[medians.norm > 0]
 
 
-KINDS = ("objective", "difficulty", "learning", "importance", "lr_sensitivity", "cost", "gradient")
+KINDS = ("objective", "difficulty", "capacity", "learning", "importance", "lr_sensitivity", "cost", "gradient")
 
 
 def draw_all(tables: Tables, cells: pd.DataFrame, folder: Path) -> dict[str, list[tuple[str, Figure | str]]]:

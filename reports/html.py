@@ -49,13 +49,18 @@ def _solved(k, runs) -> str:
 
 
 def glance_view(summ: pd.DataFrame, metric: str, direction: str) -> pd.DataFrame:
-    """Per task and ladder value, every variant best first (by mean, in the objective's direction):
-    solved k/n and the mean with its interval and n. Task and setting are written once per group."""
+    """Per task and ladder value (and capacity, with a ladder of it), every variant best first (by mean, in the
+    objective's direction): solved k/n and the mean with its interval and n. Task and setting are written
+    once per group."""
     sign = 1 if direction == "minimize" else -1
-    ranked = summ.assign(_group=summ.groupby(["task", "ladder_value"], sort=False).ngroup(), _key=sign * summ["mean"])
+    group = ["task", "ladder_value"] + (["capacity_value"] if "capacity_value" in summ else [])
+    ranked = summ.assign(_group=summ.groupby(group, sort=False).ngroup(), _key=sign * summ["mean"])
     ranked = ranked.sort_values(["_group", "_key"], kind="stable", na_position="last")
     first = ~ranked._group.duplicated()
     setting = [f"{ladder} = {value}" for ladder, value in zip(ranked.ladder, ranked.ladder_value)]
+    if "capacity_value" in summ:
+        setting = [f"{s}, {field} = {_num(value)}" for s, field, value in zip(setting, ranked.capacity,
+                                                                               ranked.capacity_value)]
     return pd.DataFrame({
         "task": ranked.task.where(first, ""),
         "setting": pd.Series(setting, index=ranked.index).where(first, ""),
@@ -68,6 +73,8 @@ def glance_view(summ: pd.DataFrame, metric: str, direction: str) -> pd.DataFrame
 def summary_view(summ: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The summary as people read it: mean [interval] with n, successes k/n, trial counts."""
     view = summ[["task", "ladder_value", "variant"]].copy()
+    if "capacity_value" in summ:  # a capacity ladder: the cell's hidden_size or param_budget
+        view.insert(2, summ.capacity.dropna().iloc[0], summ.capacity_value.astype("Int64"))
     for col in [c for c in summ.columns if c.startswith("trials_")]:
         view[col.removeprefix("trials_") + " trials"] = summ[col].fillna(0).astype(int)
     view["best trial"] = summ.best_trial.astype("Int64")
@@ -87,12 +94,13 @@ def summary_view(summ: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def stats_view(vs: pd.DataFrame) -> pd.DataFrame:
-    cols = {"task": "task", "ladder_value": "ladder_value", "variant": "variant", "n": "n", "n_ref": "n ref",
+    size = {"capacity_value": "capacity"} if "capacity_value" in vs else {}
+    cols = {"task": "task", "ladder_value": "ladder_value", **size, "variant": "variant", "n": "n", "n_ref": "n ref",
             "mean": "mean", "mean_ref": "mean ref", "diff": "diff", "better": "", "t": "Welch t", "df": "df",
             "p_welch": "p Welch", "p_welch_holm": "p Welch (Holm)", "hedges_g": "Hedges g",
             "success_rate": "success", "success_rate_ref": "success ref"}
     view = vs[list(cols)].rename(columns=cols)
-    view.insert(3, "sig.", ["*" if s else "" for s in vs.significant])
+    view.insert(3 + len(size), "sig.", ["*" if s else "" for s in vs.significant])
     return view
 
 

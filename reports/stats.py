@@ -22,6 +22,25 @@ from reports.tables import Tables
 LEVEL = 0.95
 ALPHA = 0.05
 CELL = ["task", "ladder_value", "variant"]
+# A capacity ladder (model.hidden_size or model.param_budget a list in the study file: one cell per value)
+# shows as the param its trial runs log; studies without one have neither column.
+CAPACITY_PARAMS = ("param.model.hidden_size", "param.model.param_budget")
+
+
+def with_capacity(results: pd.DataFrame) -> pd.DataFrame:
+    """``results`` with ``capacity`` (the ladder's field: hidden_size or param_budget) and ``capacity_value``
+    (the cell's value) where the study has a capacity ladder, as is otherwise. A run that logged no params (it
+    failed before) takes its cell's value."""
+    col = next((c for c in CAPACITY_PARAMS if c in results), None)
+    if col is None or "capacity_value" in results:
+        return results
+    value = pd.to_numeric(results[col], errors="coerce").groupby(results.cell).transform("first")
+    return results.assign(capacity=col.removeprefix("param.model."), capacity_value=value)
+
+
+def cell_columns(table: pd.DataFrame) -> list[str]:
+    """The columns that tell cells apart: task, ladder value, variant, and the capacity with a ladder of it."""
+    return ["task", "ladder_value", "capacity_value", "variant"] if "capacity_value" in table else CELL
 
 
 def policy(unit: str, objective_metric: str, direction: str) -> dict[str, str]:
@@ -58,18 +77,21 @@ def unit_of(results: pd.DataFrame) -> str:
 def best_search(results: pd.DataFrame, direction: str) -> pd.DataFrame:
     """Each cell's current best search trial (one row per cell): the COMPLETE search trial with the best
     finite objective in ``direction``; ties go to the lowest trial number, as the engine picks it."""
+    results = with_capacity(results)
     done = results[(results.kind == "search") & (results.state == "COMPLETE")]
     sign = 1 if direction == "minimize" else -1
     key = sign * pd.to_numeric(done.objective, errors="coerce")
     done = done.assign(_key=key)[np.isfinite(key)]
-    return done.sort_values(["_key", "trial"], kind="stable").drop_duplicates(CELL).drop(columns="_key")
+    return done.sort_values(["_key", "trial"], kind="stable").drop_duplicates(cell_columns(done)).drop(columns="_key")
 
 
 def superseded(results: pd.DataFrame, direction: str) -> pd.Series:
     """True for each replicate run whose ``source_trial`` is not its cell's current best search trial
     (:func:`best_search`); False for every other run."""
-    best = best_search(results, direction)[CELL + ["trial"]].rename(columns={"trial": "_best"})
-    rows = results[CELL + ["kind", "source_trial"]].merge(best, on=CELL, how="left")
+    results = with_capacity(results)
+    cell = cell_columns(results)
+    best = best_search(results, direction)[cell + ["trial"]].rename(columns={"trial": "_best"})
+    rows = results[cell + ["kind", "source_trial"]].merge(best, on=cell, how="left")
     current = (rows.source_trial.astype("Float64") == rows._best).fillna(False).astype(bool)
     return pd.Series((rows.kind == "replicate").to_numpy() & ~current.to_numpy(), index=results.index)
 
@@ -78,6 +100,7 @@ def selected_runs(results: pd.DataFrame) -> pd.DataFrame:
     """The runs the aggregation policy uses (see :func:`policy`), with ``value`` (finite objective or
     NaN) and ``success`` (0/1) columns. Tables saved before the ``superseded`` column existed have
     every replicate run counted."""
+    results = with_capacity(results)
     unit = unit_of(results)
     keep = (results.kind == unit) & (results.state != "INTERRUPTED")
     if "superseded" in results:
@@ -157,34 +180,35 @@ def compare(a, b) -> dict[str, float]:
 def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
     """Per cell of :func:`selected_runs`: n (runs with a finite objective), mean objective and its
     Student-t interval (:func:`mean_interval`), runs solved out of all runs, success rate."""
-    rows = []
-    for key, g in runs.groupby(CELL, sort=False):
+    rows, cell = [], cell_columns(runs)
+    for key, g in runs.groupby(cell, sort=False):
         mean, low, high, n = mean_interval(g.value.dropna())
-        rows.append(dict(zip(CELL, key), n=n, mean=mean, ci_low=low, ci_high=high,
+        rows.append(dict(zip(cell, key), n=n, mean=mean, ci_low=low, ci_high=high,
                          solved=int(g.success.sum()), runs=len(g), success_rate=g.success.mean()))
-    return pd.DataFrame(rows, columns=CELL + ["n", "mean", "ci_low", "ci_high", "solved", "runs", "success_rate"])
+    return pd.DataFrame(rows, columns=cell + ["n", "mean", "ci_low", "ci_high", "solved", "runs", "success_rate"])
 
 
 def summary(tables: Tables) -> pd.DataFrame:
     """One row per cell: search trials by state, the current best search trial (number, objective, lr),
     replicate runs superseded, the aggregated objective (n, mean and its 95% t interval over the policy's
     runs), success rate, baseline, solved threshold, cost."""
-    results = tables.results
+    results = with_capacity(tables.results)
+    cell = cell_columns(results)
     search = results[results.kind == "search"]
-    out = search.pivot_table(index=CELL, columns="state", values="trial", aggfunc="count", fill_value=0,
+    out = search.pivot_table(index=cell, columns="state", values="trial", aggfunc="count", fill_value=0,
                              sort=False)
     out.columns = [f"trials_{c.lower()}" for c in out.columns]
-    best = best_search(results, tables.direction).set_index(CELL)
+    best = best_search(results, tables.direction).set_index(cell)
     out["best_trial"], out["best_search"] = best.trial, best.objective
     if "param.lr" in best:
         out["best_lr"] = best["param.lr"]
     if "superseded" in results:
-        out["superseded"] = results[results.superseded.astype(bool)].groupby(CELL).size()
+        out["superseded"] = results[results.superseded.astype(bool)].groupby(cell).size()
         out["superseded"] = out.superseded.fillna(0).astype(int)
-    out = out.join(cell_stats(selected_runs(results)).set_index(CELL), how="outer")
-    firsts = results.groupby(CELL, sort=False)
-    for col, name in (("ladder", "ladder"), ("metric.baseline", "baseline"), ("solved_threshold", "solved_threshold"),
-                      ("solved_rule", "solved_rule")):
+    out = out.join(cell_stats(selected_runs(results)).set_index(cell), how="outer")
+    firsts = results.groupby(cell, sort=False)
+    for col, name in (("ladder", "ladder"), ("capacity", "capacity"), ("metric.baseline", "baseline"),
+                      ("solved_threshold", "solved_threshold"), ("solved_rule", "solved_rule")):
         if col in results:
             out[name] = firsts[col].first()
     if "param.n_params" in results:
@@ -194,22 +218,25 @@ def summary(tables: Tables) -> pd.DataFrame:
     out = out.reset_index()
     if "ladder" in out:
         out.insert(1, "ladder", out.pop("ladder"))
+    if "capacity" in out:
+        out.insert(out.columns.get_loc("capacity_value"), "capacity", out.pop("capacity"))
     return order_cells(out, tables)
 
 
 def versus_reference(tables: Tables, reference: str) -> pd.DataFrame:
-    """Every variant against ``reference`` in each (task, ladder value): Welch's t-test, Holm-corrected
-    over all rows (the primary test, :func:`policy`), and Hedges' g."""
+    """Every variant against ``reference`` in each (task, ladder value), and capacity with a ladder of it:
+    Welch's t-test, Holm-corrected over all rows (the primary test, :func:`policy`), and Hedges' g."""
     runs = selected_runs(tables.results)
+    group = cell_columns(runs)[:-1]  # a cell's columns but the variant
     rows = []
-    for (task, value), g in runs.groupby(["task", "ladder_value"], sort=False):
+    for key, g in runs.groupby(group, sort=False):
         ref = g[g.variant == reference]
         for variant, v in g[g.variant != reference].groupby("variant", sort=False):
-            rows.append({"task": task, "ladder_value": value, "variant": variant, "reference": reference,
+            rows.append({**dict(zip(group, key)), "variant": variant, "reference": reference,
                          **compare(v.value.dropna(), ref.value.dropna()),
                          "success_rate": v.success.mean(), "success_rate_ref": ref.success.mean()})
-    cols = ["task", "ladder_value", "variant", "reference", "n", "n_ref", "mean", "mean_ref", "diff", "t", "df",
-            "p_welch", "p_welch_holm", "significant", "better", "hedges_g", "success_rate", "success_rate_ref"]
+    cols = group + ["variant", "reference", "n", "n_ref", "mean", "mean_ref", "diff", "t", "df",
+                    "p_welch", "p_welch_holm", "significant", "better", "hedges_g", "success_rate", "success_rate_ref"]
     out = pd.DataFrame(rows)
     if out.empty:
         return pd.DataFrame(columns=cols)
@@ -221,7 +248,8 @@ def versus_reference(tables: Tables, reference: str) -> pd.DataFrame:
 
 
 def order_cells(table: pd.DataFrame, tables: Tables) -> pd.DataFrame:
-    """Rows in study order: tasks and variants as in the study file, ladder values ascending."""
+    """Rows in study order: tasks and variants as in the study file, ladder values (and capacities) ascending."""
     key = table.assign(_t=table.task.map({t: i for i, t in enumerate(tables.tasks)}),
                        _v=table.variant.map({v: i for i, v in enumerate(tables.variants)}))
-    return key.sort_values(["_t", "ladder_value", "_v"], kind="stable").drop(columns=["_t", "_v"]).reset_index(drop=True)
+    by = ["_t", "ladder_value"] + (["capacity_value"] if "capacity_value" in table else []) + ["_v"]
+    return key.sort_values(by, kind="stable").drop(columns=["_t", "_v"]).reset_index(drop=True)

@@ -153,7 +153,7 @@ def engine_start_seconds() -> float:
 def _configs(spec: Spec, cell: Cell, task) -> list[dict[str, Any]]:
     """The hyperparameters to calibrate a cell at: the fixed ones, with each searched one that changes the
     cost at each end of its range (or at each choice)."""
-    base = {**spec.model.model_dump(include={"hidden_size", "num_layers", "dropout"}),
+    base = {**cell.model.model_dump(include={"hidden_size", "num_layers", "dropout"}),
             **spec.train.model_dump(include={"batch_size", "optimizer", "momentum", "nesterov"})}
     searched = [(name, p) for name, p in cell.search_space if name in COST_PARAMS or name.startswith(SWITCH)]
     values = [[min(_param_values(p)), max(_param_values(p))] if p.type != "categorical" else list(p.choices)
@@ -171,10 +171,10 @@ def _optimizer(hp: dict) -> str:
 
 
 def _hidden(spec: Spec, cell: Cell, task, hp: dict, switches: dict) -> int:
-    if spec.model.match == "width":
+    if cell.model.match == "width":
         return int(hp["hidden_size"])
     rnn_in = min(task.input_size, EMBED_MAX) if task.input_kind == "tokens" else task.input_size
-    return hidden_for_param_budget(cell.variant.variant, rnn_in, spec.model.param_budget,
+    return hidden_for_param_budget(cell.variant.variant, rnn_in, cell.model.param_budget,
                                    num_layers=int(hp["num_layers"]), output_size=task.output_size, **switches)
 
 

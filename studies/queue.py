@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 
 from studies.crash import crash_point
 from studies.spec import Cell, Spec, cell_fingerprint, cells
@@ -124,11 +125,16 @@ class _View(optuna.Study):
 
 class SlotQMCSampler(optuna.samplers.QMCSampler):
     """Optuna's QMC sampler, taking the sequence point of the trial's slot instead of a shared
-    counter (which depends on the order in which workers sample)."""
+    counter (which depends on the order in which workers sample), over the search space it is given
+    (Optuna's infers it from a finished trial, so it drew the whole first generation at random)."""
 
-    def __init__(self, slot: int, **kwargs):
+    def __init__(self, slot: int, search_space: dict[str, BaseDistribution], **kwargs):
         super().__init__(**kwargs)
         self._slot = slot
+        self._space = {name: d for name, d in search_space.items() if not isinstance(d, CategoricalDistribution)}
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
+        return self._space
 
     def _find_sample_id(self, study, search_space) -> int:
         return self._slot
@@ -424,6 +430,19 @@ def check_fingerprints(spec: Spec, storage, action: str = "give workers the laun
                 f"study {spec.name!r}, cell {cell.key}: the study file changed this cell's definition (search "
                 f"space, budget, model, sampler, objective or seed) since the study was prepared; {action}")
     return prepared
+
+
+def prepared_as_defined(spec: Spec, storage) -> bool:
+    """Whether every cell of ``spec`` is prepared in ``storage`` with the fingerprint ``spec`` gives it: its
+    definition is the one ``rnnbench run`` checked in full (``spec.load``) before it prepared the cell."""
+    for cell in cells(spec):
+        try:
+            stored = open_study(storage, optuna_name(spec, cell, "search")).user_attrs.get("fingerprint")
+        except KeyError:
+            return False
+        if stored != cell_fingerprint(spec, cell):
+            return False
+    return True
 
 
 def prepare_studies(spec: Spec, storage) -> dict[str, str | None]:

@@ -8,7 +8,11 @@ the shared stores: Optuna in PostgreSQL (``--storage``) and MLflow in a tracking
 :func:`sbatch_script` writes the batch script; ``rnnbench slurm`` (rnnbench.py) saves and submits it.
 Each task runs, in a folder of its own under ``folder``::
 
-    exec PYTHON -m rnnbench worker SPEC --storage URL --tracking-uri URI --root FOLDER/task-N --threads C
+    exec PYTHON -m rnnbench worker SPEC --storage URL --tracking-uri URI [--set KEY=VALUE ...] \
+        --root FOLDER/task-N --threads C
+
+The study's ``--set`` overrides go to every worker as given (a worker with other overrides would be
+refused as a changed study), each quoted for bash on one line (:func:`shell_quote`).
 
 ``exec`` makes the worker the task's main process, so Slurm's SIGTERM (``scancel``, the time limit)
 reaches it at once and it closes its trial in hand as interrupted; it also keeps the shell's pid, which
@@ -21,10 +25,30 @@ import re
 import shlex
 from pathlib import Path
 
-__all__ = ["sbatch_script", "check_stores"]
+__all__ = ["sbatch_script", "check_stores", "shell_quote", "shell_join"]
 
 # Characters an ``#SBATCH`` line cannot carry safely: sbatch splits its options on whitespace.
 _UNSAFE = re.compile(r"\s")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def shell_quote(arg: str) -> str:
+    r"""``arg`` as one bash word on one line: :func:`shlex.quote`, or for a string holding a newline or
+    another control character, bash's ``$'...'`` with escapes (a quoted newline would break a comment
+    line of the script and spread the command over several lines).
+
+    >>> print(shell_quote("train.steps=20"), shell_quote("name=it's ok"), shell_quote("tasks=[a,\nb]"))
+    train.steps=20 'name=it'"'"'s ok' $'tasks=[a,\nb]'
+    """
+    if not _CONTROL.search(arg):
+        return shlex.quote(arg)
+    return "$'" + "".join(_ESCAPES.get(c, f"\\x{ord(c):02x}" if _CONTROL.match(c) else c) for c in arg) + "'"
+
+
+def shell_join(args) -> str:
+    """The words ``args`` as one line of bash (:func:`shell_quote`)."""
+    return " ".join(shell_quote(str(a)) for a in args)
 
 
 def check_stores(storage: str | None, tracking_uri: str | None) -> None:
@@ -45,7 +69,8 @@ def check_stores(storage: str | None, tracking_uri: str | None) -> None:
 
 def sbatch_script(spec_path: Path, study: str, *, workers: int, storage: str, tracking_uri: str, folder: Path,
                   python: str, workdir: Path, time: str | None = None, partition: str | None = None,
-                  cpus_per_task: int = 1, mem: str | None = None, stale_after: float | None = None) -> str:
+                  cpus_per_task: int = 1, mem: str | None = None, stale_after: float | None = None,
+                  overrides: tuple[str, ...] | list[str] = ()) -> str:
     """The text of an sbatch script running ``workers`` workers of the study in ``spec_path`` as the
     array ``0..workers-1``.
 
@@ -53,7 +78,9 @@ def sbatch_script(spec_path: Path, study: str, *, workers: int, storage: str, tr
     (``task-N``); ``python`` is the interpreter the tasks run rnnbench with; ``workdir`` their working
     directory. Paths must be absolute and the same on the compute nodes (a shared filesystem).
     ``time``, ``partition``, ``cpus_per_task`` (also the worker's torch ``--threads``) and ``mem`` become
-    ``#SBATCH`` lines as given; None leaves them to the cluster's defaults.
+    ``#SBATCH`` lines as given; None leaves them to the cluster's defaults. ``overrides``: the study's
+    ``--set KEY=VALUE`` strings (already checked by ``studies.spec.load``), passed to every worker and
+    named in the coordinator command the script's header shows.
 
     >>> text = sbatch_script(Path("/lab/s.yaml"), "s", workers=4, storage="postgresql://u@db/optuna",
     ...                      tracking_uri="http://db:5000", folder=Path("/lab/runs/slurm/s"),
@@ -77,11 +104,16 @@ def sbatch_script(spec_path: Path, study: str, *, workers: int, storage: str, tr
     worker = [python, "-m", "rnnbench", "worker", str(spec_path), "--storage", storage, "--tracking-uri", tracking_uri]
     if stale_after is not None:
         worker += ["--stale-after", f"{stale_after:g}"]
+    if any("\x00" in override for override in overrides):
+        raise ValueError("--set: a NUL character cannot be passed on a command line")
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    worker += sets
+    coordinator = [spec_path, "--workers", "0", "--storage", "URL", "--tracking-uri", "URI", *sets]
     lines = [
         "#!/bin/bash",
         f"# Workers of the rnnbench study {study!r}, one per array task; written by `rnnbench slurm`.",
         "# The study's coordinator runs outside this job (it prepares the study), e.g. on the login node:",
-        f"#   rnnbench run {shlex.quote(str(spec_path))} --workers 0 --storage URL --tracking-uri URI",
+        f"#   rnnbench run {shell_join(coordinator)}",
         "# Tasks that start before the study is prepared wait for it; each exits when every cell is done.",
         *(f"#SBATCH --{name}={value}" for name, value in directives.items() if value is not None),
         "",
@@ -91,7 +123,7 @@ def sbatch_script(spec_path: Path, study: str, *, workers: int, storage: str, tr
         'mkdir -p "$root"',
         '# exec keeps this pid: the worker is HOST:PID in its MLflow runs (tag rnnbench.worker)',
         'echo "task $SLURM_ARRAY_TASK_ID of job $SLURM_ARRAY_JOB_ID: worker $(hostname):$$"',
-        f'exec {shlex.join(worker)} --root "$root" --threads {cpus_per_task}',
+        f'exec {shell_join(worker)} --root "$root" --threads {cpus_per_task}',
         "",
     ]
     return "\n".join(lines)

@@ -1,7 +1,12 @@
 """The study file: a YAML document validated strictly; every error names the file and the field.
 
-A study crosses tasks (each list-valued setting is a ladder: one cell per value) with variants;
-every (task settings, variant) pair is a *cell* with its own Optuna study. See README "Study files".
+A study crosses tasks (each list-valued setting is a ladder: one cell per value) with variants, and with
+the model's capacity where ``model.hidden_size`` or ``model.param_budget`` is a list (a ladder too);
+every (task settings, variant, capacity) is a *cell* with its own Optuna study. See README "Study files".
+
+torch is imported only inside the functions that build tasks and variants (through ``tasks``, ``variants``
+and ``studies.training``, which import it): this module itself does not, so that ``rnnbench status`` on a
+prepared study answers without torch's import (about 2.7 s); see :func:`load`'s ``deep``.
 """
 
 from __future__ import annotations
@@ -19,16 +24,14 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
-from tasks import TASKS, Task, TaskSettingError, build_task, get_task_class
-from studies.training import EMBED_MAX
-from variants import VARIANTS, build_variant, check_switches, get_variant, hidden_for_param_budget
-from variants.imports import UserModuleError, import_user_modules
+if TYPE_CHECKING:
+    from tasks import Task
 
 # Hyperparameters a search space may name, and the section of the study file holding their fixed value.
 MODEL_PARAMS = ("hidden_size", "num_layers", "dropout")
@@ -36,6 +39,9 @@ TRAIN_PARAMS = ("lr", "batch_size", "grad_clip", "weight_decay", "optimizer", "m
 # A search space may also name a variant's switch: ``switches.forget_bias``. It is that name in Optuna too
 # (what the importance figure reads), and the MLflow param ``switch.forget_bias``, as for fixed switches.
 SWITCH = "switches."
+# Model fields that may be a list, a ladder of capacities: one cell per value (see Model, Cell.capacity).
+CAPACITY = ("hidden_size", "param_budget")
+_POSITIVE = TypeAdapter(Annotated[int, Field(ge=1)])
 
 
 class SpecError(ValueError):
@@ -108,9 +114,11 @@ class VariantEntry(Strict):
     search_space: dict[str, Param] = Field(default_factory=dict)  # overrides the study's, per name
 
     @model_validator(mode="after")
-    def _check(self):
-        get_variant(self.variant)
-        check_switches(self.variant, self.switches)
+    def _check(self, info: ValidationInfo):
+        if (info.context or {}).get("deep", True):  # the registries import torch: see load's ``deep``
+            from variants import check_switches, get_variant
+            get_variant(self.variant)
+            check_switches(self.variant, self.switches)
         return self
 
     @property
@@ -119,11 +127,32 @@ class VariantEntry(Strict):
 
 
 class Model(Strict):
-    hidden_size: int = Field(64, ge=1)
+    hidden_size: int | list[int] = 64  # a list is a ladder: one cell per value
     num_layers: int = Field(1, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     match: Literal["width", "params"] = "width"
-    param_budget: int | None = Field(None, ge=1)  # with match: params, hidden size is derived per variant
+    param_budget: int | list[int] | None = None  # with match: params, hidden size is derived per variant
+
+    @field_validator(*CAPACITY, mode="plain")
+    @classmethod
+    def _capacity(cls, v, info: ValidationInfo):
+        """A positive int (the message an ``int >= 1`` field gives), or a ladder of distinct ones."""
+        if v is None and info.field_name == "param_budget":
+            return None
+        if not isinstance(v, list):
+            return _positive(v)
+        if not v:
+            raise ValueError("a ladder needs at least one value")
+        values = []
+        for x in v:
+            try:
+                values.append(_positive(x))
+            except ValueError as e:
+                raise ValueError(f"ladder value {x!r}: {str(e)[:1].lower()}{str(e)[1:]}") from None
+        twice = [x for j, x in enumerate(values) if x in values[:j]]
+        if twice:
+            raise ValueError(f"value {twice[0]!r} appears twice in the ladder")
+        return values
 
     @model_validator(mode="after")
     def _check(self):
@@ -131,7 +160,27 @@ class Model(Strict):
             raise ValueError("match: params needs param_budget")
         if self.match == "width" and self.param_budget is not None:
             raise ValueError("param_budget only applies with match: params")
+        if self.match == "params" and isinstance(self.hidden_size, list):
+            raise ValueError("a ladder of hidden_size needs match: width (with match: params the hidden size "
+                             "is derived from param_budget: make param_budget the ladder)")
         return self
+
+    @property
+    def ladder(self) -> str | None:
+        """The capacity field given as a list (``hidden_size`` or ``param_budget``), None if neither is."""
+        return next((f for f in CAPACITY if isinstance(getattr(self, f), list)), None)
+
+    def capacities(self) -> list[Model]:
+        """This section once per capacity value: itself without a ladder, else one copy per ladder value."""
+        field = self.ladder
+        return [self] if field is None else [self.model_copy(update={field: x}) for x in getattr(self, field)]
+
+
+def _positive(v) -> int:
+    try:
+        return _POSITIVE.validate_python(v)
+    except ValidationError as e:
+        raise ValueError(e.errors()[0]["msg"]) from None
 
 
 class Train(Strict):
@@ -198,6 +247,12 @@ class Spec(Strict):
     _imported: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)
     _text: str = PrivateAttr("")
     _overrides: tuple[str, ...] = PrivateAttr(())
+    _deep: bool = PrivateAttr(True)
+
+    @property
+    def deep(self) -> bool:
+        """Whether :func:`load` made every check, those needing the task and variant classes included."""
+        return self._deep
 
     @property
     def text(self) -> str:
@@ -253,24 +308,39 @@ class Spec(Strict):
 
 @dataclass(frozen=True)
 class Cell:
-    """One (task settings, variant) pair: the unit with its own Optuna study and MLflow parent run."""
+    """One (task settings, variant, capacity): the unit with its own Optuna study and MLflow parent run."""
 
     task: str
     settings: tuple[tuple[str, Any], ...]  # as given in the study file, ladder value filled in
-    ladder: str  # the task's difficulty knob
     variant: VariantEntry
     search_space: tuple[tuple[str, Param], ...]
+    model: Model  # the study's model section, with this cell's value where a capacity is a ladder
+    capacity: str | None = None  # that ladder's field (hidden_size or param_budget); None without one
 
     @property
     def key(self) -> str:
+        """``adding(seq_len=50)/lstm``; with a capacity ladder ``adding(seq_len=50)/lstm(hidden_size=64)``."""
         args = ",".join(f"{k}={v}" for k, v in self.settings)
-        return f"{self.task}({args})/{self.variant.name}"
+        size = f"({self.capacity}={self.capacity_value})" if self.capacity else ""
+        return f"{self.task}({args})/{self.variant.name}{size}"
+
+    @property
+    def capacity_value(self) -> int | None:
+        return getattr(self.model, self.capacity) if self.capacity else None
+
+    @property
+    def ladder(self) -> str:
+        """The task's difficulty knob (e.g. seq_len)."""
+        from tasks import get_task_class
+        return get_task_class(self.task).ladder
 
     def build_task(self):
+        from tasks import build_task
         return build_task(self.task, **dict(self.settings))
 
     @property
     def ladder_value(self):
+        from tasks import get_task_class
         return dict(self.settings).get(self.ladder, getattr(get_task_class(self.task), self.ladder, None))
 
     def switches(self, hp: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -284,15 +354,16 @@ class Cell:
 
 
 def cells(spec: Spec) -> list[Cell]:
-    """Every cell of the study, in study-file order (task entries, ladder values, variants)."""
+    """Every cell of the study, in study-file order (task entries, ladder values, capacities, variants)."""
     out = []
     for entry in spec.tasks:
         name, settings = entry["task"], {k: v for k, v in entry.items() if k != "task"}
         ladders = [[(k, x) for x in v] if isinstance(v, list) else [(k, v)] for k, v in settings.items()]
         for combo in itertools.product(*ladders):
-            for v in spec.variants:
-                space = {**spec.search_space, **v.search_space}
-                out.append(Cell(name, tuple(combo), get_task_class(name).ladder, v, tuple(space.items())))
+            for model in spec.model.capacities():
+                for v in spec.variants:
+                    space = {**spec.search_space, **v.search_space}
+                    out.append(Cell(name, tuple(combo), v, tuple(space.items()), model, spec.model.ladder))
     return out
 
 
@@ -301,6 +372,7 @@ def cell_fingerprint(spec: Spec, cell: Cell) -> str:
     payload = {"task": cell.task, "settings": cell.settings, "variant": cell.variant.model_dump(),
                "space": {k: p.model_dump() for k, p in cell.search_space},
                **spec.model_dump(include={"seed", "model", "train", "sampler", "pruner", "objective", "generation"})}
+    payload["model"] = cell.model.model_dump()  # the cell's capacity, not the ladder (without one: the same)
     for name in _LATER_TRAIN_FIELDS:
         if payload["train"][name] == Train.model_fields[name].default:
             del payload["train"][name]
@@ -330,6 +402,8 @@ def _cell_imports(spec: Spec, cell: Cell) -> dict[str, str]:
 
 def _defined_in(kind: str, name: str) -> str | None:
     """The source file of the class behind a variant or task name (None if unknown)."""
+    from tasks import get_task_class
+    from variants import VARIANTS
     try:
         cls = (inspect.getclosurevars(VARIANTS[name].build).nonlocals.get("cls") if kind == "variant"
                else get_task_class(name))
@@ -377,7 +451,8 @@ def _loc(loc: tuple) -> str:
     return out
 
 
-def load(path_or_name: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> tuple[Spec, Path, str]:
+def load(path_or_name: str | Path, overrides: tuple[str, ...] | list[str] = (),
+         deep: bool = True) -> tuple[Spec, Path, str]:
     """Parse and validate a study file. Returns (spec, path, sha256 of the effective study text).
 
     ``overrides``: ``KEY=VALUE`` strings (``rnnbench run --set``), each VALUE read as YAML, KEY a dotted path
@@ -388,6 +463,14 @@ def load(path_or_name: str | Path, overrides: tuple[str, ...] | list[str] = ()) 
     Everything a trial would trip over is refused here, before anything is written: every task setting
     and variant is built once, the objective is looked up in each task's metrics, and every value the
     search space can draw is checked against what the model and Optuna accept.
+
+    ``deep=False`` leaves out the checks that need the task and variant classes (they import torch): names of
+    tasks, task settings, variants and switches, building each task and variant, the objective's metric. What
+    is left is the structure, types and ranges of every field, ladders, search spaces and the reference. The
+    cells and their fingerprints are the same. ``rnnbench status`` uses it for a study whose every cell the
+    store holds with this fingerprint (``run`` made the deep checks when it prepared them), and loads deeply
+    otherwise. A study file with ``imports`` is always loaded deeply (its cells and tasks are its modules').
+    ``Spec.deep`` says which was done.
     """
     path = resolve(str(path_or_name))
     text = _read(path)
@@ -411,23 +494,32 @@ def load(path_or_name: str | Path, overrides: tuple[str, ...] | list[str] = ()) 
             if _within(field, written) or _within(written, field) or _within(field, _loc(tuple(created))):
                 return f"--set {override}"
         return str(path)
+    deep = deep or bool(data.get("imports"))
     try:
         imported = _import(path, data.get("imports"))
     except SpecError as e:
         raise SpecError(str(e).replace(f"{path}: imports:", f"{blame('imports')}: imports:", 1)) from e.__cause__
     try:
-        spec = Spec.model_validate(data)
+        spec = Spec.model_validate(data, context={"deep": deep})
         spec._imported = imported
-        spec._text, spec._overrides = text, overrides
+        spec._text, spec._overrides, spec._deep = text, overrides, deep
         _check_space("search_space", spec.search_space, spec)
         for i, v in enumerate(spec.variants):
             _check_space(f"variants[{i}].search_space", v.search_space, spec)
-        _check_switch_space(spec)
+        if deep:
+            _check_switch_space(spec)
         _check_optimizer(spec)
-        tasks = _build_tasks(spec)
-        _check_objective(spec, tasks)
-        _check_variants(spec)
-        _check_user_variants(spec, tasks)
+        if deep:
+            tasks = _build_tasks(spec)
+            _check_objective(spec, tasks)
+            _check_variants(spec)
+            _check_user_variants(spec, tasks)
+        else:
+            for i, entry in enumerate(spec.tasks):
+                _, settings = _task_entry(i, entry)
+                empty = [k for k, v in settings.items() if v == []]
+                if empty:
+                    raise SpecError(f"tasks[{i}].{empty[0]}: a ladder needs at least one value")
         labels = [v.name for v in spec.variants]
         if spec.reference_label not in labels:
             raise SpecError(f"reference: {spec.reference!r} is not among the variants ({', '.join(labels)})")
@@ -502,6 +594,7 @@ def _import(path: Path, entries: Any) -> dict[str, tuple[str, str]]:
     if not isinstance(entries, list) or not all(isinstance(e, str) and e.strip() for e in entries):
         raise SpecError(f"{path}: imports: a list of Python files (relative to the study file) or dotted "
                         f"module names, e.g. imports: [my_cell.py]")
+    from variants.imports import UserModuleError, import_user_modules
     out = {}
     for entry in entries:
         try:
@@ -540,7 +633,7 @@ def _check_space(where: str, space: dict[str, Param], spec: Spec) -> None:
             raise SpecError(f"{where}: unknown hyperparameter {name!r}; allowed: {', '.join(allowed)}, "
                             f"or {SWITCH}NAME for a switch of the variants it applies to")
         field, section = f"{where}.{name}", Model if name in MODEL_PARAMS else Train
-        annotation = section.model_fields[name].annotation
+        annotation = int if name in CAPACITY else section.model_fields[name].annotation  # one value per trial
         kind = "int" if annotation is int else "float" if annotation in (float, float | None) else None
         if kind is None and p.type != "categorical":
             raise SpecError(f"{field}: takes type categorical, not {p.type}")
@@ -549,11 +642,17 @@ def _check_space(where: str, space: dict[str, Param], spec: Spec) -> None:
         if name == "hidden_size" and spec.model.match == "params":
             raise SpecError(f"{field}: with match: params the hidden size is derived from model.param_budget; "
                             f"remove hidden_size from the search space, or use match: width")
+        if name == spec.model.ladder:
+            raise SpecError(f"{field}: model.{name} is a ladder (one cell per value); ladder it or search it, "
+                            f"not both")
         drawn = [("choice", c) for c in p.choices] if p.type == "categorical" else [("low", p.low), ("high", p.high)]
         for label, value in drawn:
             value = int(value) if p.type == "int" else value
             try:
-                section.model_validate({name: value}, strict=True)
+                if name in CAPACITY:
+                    _POSITIVE.validate_python(value, strict=True)
+                else:
+                    section.model_validate({name: value}, strict=True)
             except ValidationError as e:
                 msg = e.errors()[0]["msg"]
                 raise SpecError(f"{field}: {label} {value!r} is not a valid {name} "
@@ -572,6 +671,7 @@ def _space(spec: Spec, i: int) -> dict[str, tuple[Param, str]]:
 def _check_switch_space(spec: Spec) -> None:
     """A searched ``switches.NAME`` must be a switch of every variant the space applies to, not fixed in the
     variant's entry as well, and of a type its default allows (a bool or string switch: categorical)."""
+    from variants import get_variant
     for i, v in enumerate(spec.variants):
         allowed = get_variant(v.variant).switches
         for name, (p, field) in _space(spec, i).items():
@@ -618,18 +718,10 @@ def _build_tasks(spec: Spec) -> list[Task]:
     """Every task setting of the study (one per ladder value), each built once: impossible settings, a value
     repeated in a ladder and two entries with the same settings are refused (each would be a second cell
     with one key, or one data set under two keys)."""
+    from tasks import TaskSettingError, build_task, get_task_class
     built, seen = [], {}
     for i, entry in enumerate(spec.tasks):
-        if "task" not in entry:
-            raise SpecError(f"tasks[{i}]: missing 'task' (the task's name)")
-        name = entry["task"]
-        if not isinstance(name, str):
-            raise SpecError(f"tasks[{i}].task: must be a task name, got {name!r}; known: {', '.join(sorted(TASKS))}")
-        settings = {k: v for k, v in entry.items() if k != "task"}
-        for k, v in settings.items():
-            twice = [x for j, x in enumerate(v) if x in v[:j]] if isinstance(v, list) else []
-            if twice:
-                raise SpecError(f"tasks[{i}].{k}: value {twice[0]!r} appears twice in the ladder")
+        name, settings = _task_entry(i, entry)
         try:
             get_task_class(name)
             empty = [k for k, v in settings.items() if v == []]
@@ -649,9 +741,27 @@ def _build_tasks(spec: Spec) -> list[Task]:
     return built
 
 
+def _task_entry(i: int, entry: dict) -> tuple[str, dict[str, Any]]:
+    """Task entry ``i``'s name and settings, checked as far as no task class is needed: a name is given,
+    and no ladder repeats a value."""
+    if "task" not in entry:
+        raise SpecError(f"tasks[{i}]: missing 'task' (the task's name)")
+    name = entry["task"]
+    if not isinstance(name, str):
+        from tasks import TASKS
+        raise SpecError(f"tasks[{i}].task: must be a task name, got {name!r}; known: {', '.join(sorted(TASKS))}")
+    settings = {k: v for k, v in entry.items() if k != "task"}
+    for k, v in settings.items():
+        twice = [x for j, x in enumerate(v) if x in v[:j]] if isinstance(v, list) else []
+        if twice:
+            raise SpecError(f"tasks[{i}].{k}: value {twice[0]!r} appears twice in the ladder")
+    return name, settings
+
+
 def _check_objective(spec: Spec, tasks: list[Task]) -> None:
     """The objective must be a metric every task reports: each task's metrics are evaluated once, on a
     two-sequence batch with a random output, to learn their names."""
+    import torch
     metric = spec.objective.metric
     for task in tasks:
         batch = task.sample(2, torch.Generator().manual_seed(0))
@@ -665,16 +775,20 @@ def _check_variants(spec: Spec) -> None:
     """Build each variant once with its switches at every width, depth, dropout and searched switch value
     a trial may give it (on the meta device: no memory, no init cost), so contradictory switches or a width
     the variant refuses (clockwork: a multiple of ``modules``) stop the study at load, not in every trial."""
+    import torch
+    from variants import build_variant, hidden_for_param_budget
     for i, v in enumerate(spec.variants):
         searched = [name for name in _space(spec, i) if name.startswith(SWITCH)]
         drawn = [_drawn(spec, i, name) for name in MODEL_PARAMS + tuple(searched)]
-        for (hidden, source), (layers, _), (dropout, _), *values in itertools.product(*drawn):
+        budgets = spec.model.param_budget if isinstance(spec.model.param_budget, list) else [spec.model.param_budget]
+        for budget, ((hidden, source), (layers, _), (dropout, _), *values) in itertools.product(
+                budgets, itertools.product(*drawn)):
             switches = {**v.switches, **{k.removeprefix(SWITCH): x for k, (x, _) in zip(searched, values)}}
             drew = "".join(f", {k}={x!r} from {where}" for k, (x, where) in zip(searched, values))
             try:
                 if spec.model.match == "params":  # the width is derived per variant: one that builds
-                    hidden, source = hidden_for_param_budget(v.variant, 1, spec.model.param_budget, layers,
-                                                             **switches), "model.param_budget"
+                    hidden = hidden_for_param_budget(v.variant, 1, budget, layers, **switches)
+                    source = "model.param_budget" + (f" {budget}" if spec.model.ladder else "")
                 with warnings.catch_warnings(), torch.device("meta"):
                     warnings.simplefilter("ignore")  # e.g. torch's note on dropout with one layer; trials show it
                     build_variant(v.variant, 1, hidden, layers, dropout, **switches)
@@ -687,18 +801,21 @@ def _check_user_variants(spec: Spec, tasks: list[Task]) -> None:
     """Run each variant a study file imported (not a shipped one) forward and backward once, on a short
     random batch at every input width its tasks give it, so a cell that raises stops the study at load
     rather than failing every trial. (``rnnbench check variant`` runs the full contract.)"""
+    import torch
+    from studies.training import EMBED_MAX
+    from variants import build_variant, hidden_for_param_budget
     widths = sorted({min(t.input_size, EMBED_MAX) if t.input_kind == "tokens" else t.input_size for t in tasks})
     for i, v in enumerate(spec.variants):
         if _defined_in("variant", v.variant) not in {file for _, file in spec._imported.values()}:
             continue
         (hidden, _), (layers, _), (dropout, _) = (_drawn(spec, i, name)[0] for name in MODEL_PARAMS)
+        budget = spec.model.capacities()[0].param_budget
         for width in widths:
             try:
                 with torch.random.fork_rng(), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     if spec.model.match == "params":
-                        hidden = hidden_for_param_budget(v.variant, width, spec.model.param_budget, layers,
-                                                         **v.switches)
+                        hidden = hidden_for_param_budget(v.variant, width, budget, layers, **v.switches)
                     rnn = build_variant(v.variant, width, hidden, layers, dropout, **v.switches)
                     out, _ = rnn(torch.randn(2, 8, width))
                     if tuple(out.shape) != (2, 8, hidden):
@@ -719,7 +836,8 @@ def _drawn(spec: Spec, i: int, name: str) -> list[tuple[Any, str]]:
     for the first two)."""
     space = _space(spec, i)
     if name not in space:
-        return [(getattr(spec.model, name), f"model.{name}")]
+        value = getattr(spec.model, name)
+        return [(x, f"model.{name}") for x in (value if isinstance(value, list) else [value])]
     p, where = space[name]
     return [(x, where) for x in _param_values(p)]
 

@@ -56,15 +56,20 @@ class StoreUnavailable(RuntimeError):
     """The Optuna database did not answer for ``OUTAGE_SECONDS``."""
 
 
-def _connection_lost(error: BaseException) -> bool:
-    """Whether an error (or one it was raised from) says the database connection failed, as opposed to
-    a query the database refused. Optuna wraps both in StorageInternalError ("invalid data...")."""
+# A server that answers and refuses the login or names no such database: waiting will not help.
+_REFUSED = ("authentication failed", "no password supplied", "pg_hba.conf", "does not exist")
+
+
+def _connection_error(error: BaseException) -> BaseException | None:
+    """The error (``error`` or one it was raised from) saying the database connection failed, as opposed to
+    a query the database refused; None if there is none. Optuna wraps both in StorageInternalError
+    ("invalid data...")."""
     while error is not None:
         if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or \
                 getattr(error, "connection_invalidated", False):
-            return True
+            return error
         error = error.__cause__ or error.__context__
-    return False
+    return None
 
 
 def _riding_outages(method):
@@ -75,8 +80,13 @@ def _riding_outages(method):
             try:
                 return method(self, *args, **kwargs)
             except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
-                if not _connection_lost(e):
+                lost = _connection_error(e)
+                if lost is None:
                     raise
+                why = str(getattr(lost, "orig", None) or lost).strip().splitlines()
+                if any(words in str(lost) for words in _REFUSED):  # a refused login is no outage
+                    raise StoreUnavailable(f"the Optuna database {self.url_for_humans} refused the connection: "
+                                           f"{why[0] if why else type(lost).__name__}") from e
                 if waited >= OUTAGE_SECONDS:
                     raise StoreUnavailable(f"the Optuna database {self.url_for_humans} did not answer for "
                                            f"{waited:.0f} s; the study is safe: run the same command again "

@@ -42,13 +42,15 @@ LADDER_SHORT = {"seq_len": "T", "p_loop": "p"}
 def run_name(cell: Cell, kind: str | None = None, slot: int | None = None) -> str:
     """A run's name in the MLflow UI, leading with what differs between runs: the variant's label, the task
     and its ladder value, any other task setting not at its default; then, for a trial run, its slot
-    (``#3``, search) or replicate index (``seed 2``). E.g. ``lstm · adding T=100 · #3``."""
+    (``#3``, search) or replicate index (``seed 2``). E.g. ``lstm · adding T=100 · #3``; with a capacity
+    ladder the label carries the cell's value: ``lstm h=64 · adding T=100``, ``lstm 5000 params · ...``."""
     value = cell.ladder_value
     parts = [f"{LADDER_SHORT.get(cell.ladder, cell.ladder)}={_short_value(value)}"]
     defaults = {f.name: f.default for f in dataclasses.fields(get_task_class(cell.task))}
     parts += [f"{k}={_short_value(v)}" for k, v in cell.settings
               if k != cell.ladder and defaults.get(k, dataclasses.MISSING) != v]
-    name = f"{cell.variant.name} · {cell.task} {' '.join(parts)}"
+    size = {"hidden_size": f" h={cell.capacity_value}", "param_budget": f" {cell.capacity_value} params"}
+    name = f"{cell.variant.name}{size.get(cell.capacity, '')} · {cell.task} {' '.join(parts)}"
     if kind == "search":
         name += f" · #{slot}"
     elif kind == "replicate":

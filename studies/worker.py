@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -64,11 +65,10 @@ def make_sampler(spec: Spec, cell: Cell, slot: int) -> optuna.samplers.BaseSampl
     seed = queue.derive_seed(spec.seed, cell.key, "search", slot)
     if spec.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
-    if spec.sampler == "qmc":
-        # The first generation has no complete trial to take the search space from: Optuna samples it
-        # with the independent sampler, seeded per slot here.
-        return queue.SlotQMCSampler(slot, seed=queue.derive_seed(spec.seed, cell.key), scramble=True,
-                                    independent_sampler=optuna.samplers.RandomSampler(seed))
+    if spec.sampler == "qmc":  # categorical parameters, which QMC cannot draw, are drawn at random
+        return queue.SlotQMCSampler(slot, distributions(cell), seed=queue.derive_seed(spec.seed, cell.key),
+                                    scramble=True, independent_sampler=optuna.samplers.RandomSampler(seed),
+                                    warn_independent_sampling=False)
     return optuna.samplers.RandomSampler(seed)  # random; grid trials come with every parameter fixed
 
 
@@ -81,20 +81,33 @@ def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def suggest(trial: optuna.Trial, cell: Cell) -> dict:
-    out = {}
+def distributions(cell: Cell) -> dict[str, BaseDistribution]:
+    """The cell's search space as Optuna distributions."""
+    out: dict[str, BaseDistribution] = {}
     for name, p in cell.search_space:
         if p.type == "float":
-            out[name] = trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
+            out[name] = FloatDistribution(p.low, p.high, log=p.log, step=p.step)
         elif p.type == "int":
-            out[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+            out[name] = IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
         else:
-            out[name] = trial.suggest_categorical(name, p.choices)
+            out[name] = CategoricalDistribution(p.choices)
+    return out
+
+
+def suggest(trial: optuna.Trial, cell: Cell) -> dict:
+    out = {}
+    for name, d in distributions(cell).items():
+        if isinstance(d, FloatDistribution):
+            out[name] = trial.suggest_float(name, d.low, d.high, log=d.log, step=d.step)
+        elif isinstance(d, IntDistribution):
+            out[name] = trial.suggest_int(name, d.low, d.high, log=d.log, step=d.step)
+        else:
+            out[name] = trial.suggest_categorical(name, d.choices)
     return out
 
 
 def hyperparameters(spec: Spec, cell: Cell, trial: optuna.Trial) -> dict:
-    hp = {**spec.model.model_dump(include={"hidden_size", "num_layers", "dropout"}),
+    hp = {**cell.model.model_dump(include={"hidden_size", "num_layers", "dropout"}),
           **spec.train.model_dump(include={"lr", "batch_size", "grad_clip", "weight_decay", "optimizer", "momentum",
                                            "nesterov"})}
     hp.update(suggest(trial, cell))
@@ -102,10 +115,10 @@ def hyperparameters(spec: Spec, cell: Cell, trial: optuna.Trial) -> dict:
 
 
 def hidden_size(spec: Spec, cell: Cell, task, hp: dict) -> int:
-    if spec.model.match == "width":
+    if cell.model.match == "width":
         return int(hp["hidden_size"])
     rnn_in = min(task.input_size, EMBED_MAX) if task.input_kind == "tokens" else task.input_size
-    return hidden_for_param_budget(cell.variant.variant, rnn_in, spec.model.param_budget,
+    return hidden_for_param_budget(cell.variant.variant, rnn_in, cell.model.param_budget,
                                    num_layers=int(hp["num_layers"]), output_size=task.output_size,
                                    **cell.variant.switches)
 
@@ -338,6 +351,8 @@ class Worker:
                   **{f"switch.{k}": v for k, v in switches.items()},
                   **dict(zip(("solved.metric", "solved.op", "solved.threshold"), task.solved_when)),
                   "steps": spec.train.steps, "seconds": spec.train.seconds, "eval_every": spec.train.eval_every}
+        if job.cell.capacity:  # a capacity ladder: the cell's value (model.hidden_size or model.param_budget)
+            params[f"model.{job.cell.capacity}"] = job.cell.capacity_value
         # with the SHA-256 of each module the study file imports (its own cells, tasks)
         tags = {**spec.import_tags, **({"rnnbench.population": group} if group else {})}
         with self.bookkeeping():

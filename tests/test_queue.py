@@ -2,11 +2,14 @@
 
 import inspect
 
+import math
+
 import optuna
 import pytest
+from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from studies import queue
+from studies import queue, spec as specs, worker
 
 
 def fresh(n_waiting=0, name="s"):
@@ -89,13 +92,33 @@ def test_tpe_suggestion_does_not_depend_on_trials_outside_the_view():
     assert suggestion(1) == suggestion(0) == suggestion(3)
 
 
-def test_slot_qmc_sampler_takes_the_slots_point():
+def test_slot_qmc_sampler_takes_the_slots_point_from_the_first_trial_on():
+    space = {"x": FloatDistribution(0, 1)}
+
     def point(slot):
-        storage, study = fresh(2)
-        finish(study, queue.claim(study), 1.0)  # QMC infers its search space from a complete trial
-        trial = queue.start(study, queue.claim(study), sampler=queue.SlotQMCSampler(slot, seed=1), generation=1)
+        storage, study = fresh(1)  # nothing has finished yet: the first generation
+        trial = queue.start(study, queue.claim(study), sampler=queue.SlotQMCSampler(slot, space, seed=1),
+                            generation=4)
         return trial.suggest_float("x", 0, 1)
-    assert point(3) == point(3) != point(4)
+    points = [point(slot) for slot in range(4)]
+    assert point(3) == points[3] != points[2]
+    assert sorted(int(4 * x) for x in points) == [0, 1, 2, 3]  # a Sobol sequence's first 4 points: one per quarter
+
+
+def test_a_qmc_study_spreads_its_first_learning_rates_over_the_range(tmp_path):
+    """`sampler: qmc` in a study file: the first generation's learning rates, one per quarter of the log range."""
+    path = tmp_path / "q.yaml"
+    path.write_text("name: q\ntasks: [{task: adding, seq_len: 10}]\nvariants: [lstm]\nsampler: qmc\ntrials: 4\n"
+                    "search_space: {lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}}\n")
+    spec, _, _ = specs.load(path)
+    (cell,) = specs.cells(spec)
+
+    def lr(slot):
+        storage, study = fresh(1)
+        trial = queue.start(study, queue.claim(study), sampler=worker.make_sampler(spec, cell, slot), generation=4)
+        return worker.suggest(trial, cell)["lr"]
+    quarters = [int(4 * math.log(lr(slot) / 1e-4) / math.log(1e3)) for slot in range(4)]
+    assert sorted(quarters) == [0, 1, 2, 3]
 
 
 # --------------------------------------------------------------------------------------------------

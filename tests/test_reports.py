@@ -75,9 +75,9 @@ def test_manifest_states_provenance_and_policy(report, tiny_study):
     assert rep["superseded_replicate_runs"] == 0 and not results.superseded.any()
     for name, digest in rep["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
-    # every kind for 2 tasks, PNG + SVG, except importance (only lr is searched) and copy_memory's
-    # difficulty (a single seq_len)
-    assert len(rep["figures"]) == (len(KINDS) * 2 - 3) * 2
+    # every kind for 2 tasks, PNG + SVG, except importance (only lr is searched), capacity (one hidden size)
+    # and copy_memory's difficulty (a single seq_len)
+    assert len(rep["figures"]) == (len(KINDS) * 2 - 5) * 2
 
 
 def test_index_page_has_study_stats_figures_and_captions(report):
@@ -103,6 +103,7 @@ def test_index_page_has_study_stats_figures_and_captions(report):
     assert page.count("<figcaption>") == 11
     assert page.count("No importance figure: only one hyperparameter (lr) was searched") == 2
     assert "No difficulty figure: the study has a single seq_len for copy_memory (5)" in page
+    assert page.count("No capacity figure: the study has a single model size") == 2
 
 
 def test_report_is_logged_to_mlflow_once_and_never_as_a_trial(report, tiny_study):

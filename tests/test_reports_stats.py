@@ -310,6 +310,9 @@ def test_figures_on_synthetic_tables_are_complete_and_deterministic(tmp_path):
     for task, items in first.items():
         assert [k for k, _ in items] == list(KINDS)
         for kind, fig in items:
+            if kind == "capacity":  # one model size: tests/test_capacity.py draws it with a ladder
+                assert "single model size" in fig
+                continue
             assert isinstance(fig, Figure), f"{task} {kind}: {fig}"
             assert len(fig.caption) > 80 and task in fig.caption
             for ext in ("png", "svg"):
@@ -328,7 +331,7 @@ def test_figures_explain_what_is_missing(tmp_path):
     t.results["param.lr"] = 1e-3  # lr not searched
     out = draw_all(t, stats.cell_stats(stats.selected_runs(t.results)), tmp_path)
     missing = {k: v for k, v in out["adding"] if not isinstance(v, Figure)}
-    assert set(missing) == {"gradient", "importance", "lr_sensitivity"}
+    assert set(missing) == {"capacity", "gradient", "importance", "lr_sensitivity"}
     assert all(isinstance(v, str) and v for v in missing.values())
 
 

@@ -23,7 +23,7 @@ import yaml
 from conftest import TINY, free_port, rnnbench
 from studies import spec as specs
 from studies.queue import ENDED, optuna_name
-from studies.slurm import check_stores, sbatch_script
+from studies.slurm import check_stores, sbatch_script, shell_quote
 from studies.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,6 +73,39 @@ def test_script_quotes_what_the_shell_would_split():
     assert text.count("p&w") == 1
 
 
+def worker_args(text: str, root: str = "/tmp/task-0") -> list[str]:
+    """The arguments bash gives the script's worker: its exec line run with printf instead of exec."""
+    line = next(line for line in text.splitlines() if line.startswith("exec "))
+    proc = subprocess.run(["bash", "-c", f"root={shell_quote(root)}; printf '%s\\0' {line.removeprefix('exec ')}"],
+                          capture_output=True, text=True, check=True)
+    return proc.stdout.split("\0")[:-1]
+
+
+def sets_of(args: list[str]) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+
+
+# What a shell must not split, expand or end a line at: spaces, quotes, globs, $, ;, a newline.
+AWKWARD = ("train.steps=20", "tasks[0].seq_len=[10, 20]", "name=it's $HOME; `id` *", "description=a\nb\tc\\d")
+
+
+def test_script_passes_the_overrides_to_every_worker_quoted():
+    plain, text = script(), script(overrides=AWKWARD, stale_after=60.0)
+    assert len(text.splitlines()) == len(plain.splitlines())  # every override on its one line
+    assert ("--tracking-uri http://db.lab:5000 --stale-after 60 --set train.steps=20 "
+            "--set 'tasks[0].seq_len=[10, 20]' --set 'name=it'\"'\"'s $HOME; `id` *' "
+            "--set $'description=a\\nb\\tc\\\\d' --root \"$root\" --threads 1\n") in text
+    args = worker_args(text)
+    assert args == ["/lab/.venv/bin/python", "-m", "rnnbench", "worker", "/lab/tiny.yaml",
+                    "--storage", ARGS["storage"], "--tracking-uri", ARGS["tracking_uri"], "--stale-after", "60",
+                    *(arg for o in AWKWARD for arg in ("--set", o)), "--root", "/tmp/task-0", "--threads", "1"]
+    # the coordinator command in the header names the same overrides (and no store)
+    header = next(line for line in text.splitlines() if line.startswith("#   rnnbench run"))
+    assert header.startswith("#   rnnbench run /lab/tiny.yaml --workers 0 --storage URL --tracking-uri URI --set ")
+    assert sets_of(worker_args(f"exec {header.removeprefix('#   rnnbench run ')}")) == list(AWKWARD)
+    assert "--set" not in plain
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"workers": 0}, "--workers 0"),
     ({"cpus_per_task": 0}, "--cpus-per-task 0"),
@@ -117,6 +150,31 @@ def test_command_writes_the_script_and_refuses_in_one_line(tmp_path):
     assert out.stat().st_mode & 0o077 == 0  # it holds the storage URL
     assert directives(text)["array"] == "0-1"
     assert f"exec {sys.executable} -m rnnbench worker {spec} " in text and "--threads 2\n" in text
+
+
+def test_command_gives_the_workers_the_studys_overrides(tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY)
+    common = ["--workers", 2, "--storage", "postgresql://rnnbench@db.lab/optuna", "--tracking-uri",
+              "http://db.lab:5000", "--root", tmp_path / "runs"]
+    # An override the study refuses is one line, exit 2, before anything is written.
+    proc = rnnbench("slurm", spec, *common, "--set", "train.steps=30", "--set", "train.stepz=3", cwd=tmp_path,
+                    check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: --set train.stepz=3: ") and "train.stepz" in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+    overrides = ["train.steps=30", "tasks[0].seq_len=[8, 10]"]
+    proc = rnnbench("slurm", spec, *common, *(a for o in overrides for a in ("--set", o)), cwd=tmp_path)
+    text = (tmp_path / "runs" / "slurm" / "tiny" / "tiny.sbatch").read_text()
+    assert "--set train.steps=30 --set 'tasks[0].seq_len=[8, 10]' --root \"$root\"" in text
+    args = worker_args(text)
+    assert sets_of(args) == overrides
+    # The workers' study is the coordinator's: same effective text, same hash.
+    assert specs.load(args[4], sets_of(args))[2] == specs.load(spec, overrides)[2] != specs.load(spec)[2]
+    coordinator = next(line for line in proc.stdout.splitlines() if line.startswith("  rnnbench run "))
+    assert coordinator.endswith("--workers 0 --storage postgresql://rnnbench@db.lab/optuna --tracking-uri "
+                                "http://db.lab:5000 --set train.steps=30 --set 'tasks[0].seq_len=[8, 10]'"), proc.stdout
 
 
 def test_docker_compose_file_is_valid_and_binds_loopback():
@@ -324,9 +382,10 @@ def test_workers_run_as_a_slurm_array_job(slurm_cluster, postgres, tracking_serv
     tracking, _ = tracking_server
     spec_path = tmp_path / "tiny.yaml"
     spec_path.write_text(TINY)
-    spec, _, _ = specs.load(spec_path)
+    overrides = ["--set", "train.steps=30"]  # the array's workers must get them, or they refuse the study
+    spec, _, _ = specs.load(spec_path, overrides[1::2])
     cells = specs.cells(spec)
-    common = ["--storage", storage_url, "--tracking-uri", tracking]
+    common = ["--storage", storage_url, "--tracking-uri", tracking, *overrides]
     env = {**slurm_cluster.env, "PYTHONUNBUFFERED": "1"}
 
     log = tmp_path / "coordinator.log"
@@ -391,6 +450,7 @@ def test_workers_run_as_a_slurm_array_job(slurm_cluster, postgres, tracking_serv
     exp = client.get_experiment_by_name("tiny")
     runs = client.search_runs([exp.experiment_id], "tags.`rnnbench.role` = 'trial'", max_results=1000)
     assert len(runs) == len(cells) * (spec.trials + spec.replicates)
+    assert {r.data.params["steps"] for r in runs} == {"30"}  # trained as overridden
     tags = {r.data.tags["rnnbench.worker"] for r in runs}
     assert tags == workers == set(names.values()), (tags, workers, names)
     per_task = {i: sum(r.data.tags["rnnbench.worker"] == w for r in runs) for i, w in names.items()}

@@ -157,3 +157,48 @@ def test_a_cell_failing_alike_is_stopped_and_shown(tmp_path):
     out = rnnbench("status", path, "--root", root).stdout
     assert f"{row.cell.key}  stopped: Divergence: training loss became nan at step 1" in out
     assert "(1 stopped)" in out
+
+
+STATUS_IN_PROCESS = """
+import sys
+from click.testing import CliRunner
+from rnnbench import cli
+result = CliRunner().invoke(cli, ["status", *sys.argv[1:]])
+print(result.output)
+print("exit", result.exit_code, "torch" in sys.modules)
+"""
+
+
+def status_in_process(*args) -> tuple[str, int, bool]:
+    """`rnnbench status ARGS` in a fresh interpreter: its output, exit code, and whether torch was imported."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", STATUS_IN_PROCESS, *map(str, args)], capture_output=True,
+                          text=True, check=True, timeout=300)
+    *output, last = proc.stdout.rstrip("\n").splitlines()
+    _, code, torch = last.split()
+    return "\n".join(output), int(code), torch == "True"
+
+
+def test_status_of_a_prepared_study_does_not_import_torch(tmp_path):
+    """torch's import is most of a status's time; a study whose every cell the store holds as the file defines
+    it was checked in full by `run` when it prepared them, so status checks the file without the task and
+    variant classes."""
+    spec, path, root, _ = fake_study(tmp_path)
+    output, code, torch = status_in_process(path, "--root", root)
+    assert code == 0 and not torch, output
+    assert all(c.key in output for c in specs.cells(spec)) and ERROR in output
+
+
+def test_status_checks_in_full_what_the_store_does_not_hold(tmp_path):
+    """A typo gets the error `run` gives; a cell the store does not hold (a new variant) makes status check
+    the file in full, torch and all, and show the cell with nothing run."""
+    _, path, root, _ = fake_study(tmp_path)
+    typo = "variants=[rnn, lstn]"
+    output, code, _ = status_in_process(path, "--root", root, "--set", typo)
+    run = rnnbench("run", path, "--root", tmp_path / "elsewhere", "--set", typo, check=False)
+    assert code == 2 and run.returncode == 2 and output.strip() == run.stderr.strip()
+    assert "variants[1]: unknown variant 'lstn'" in output
+    output, code, torch = status_in_process(path, "--root", root, "--set", "variants=[rnn, lstm, gru]")
+    assert code == 0 and torch and "adding(seq_len=8)/gru" in output, output
