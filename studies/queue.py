@@ -155,22 +155,28 @@ def claim(study: optuna.Study, ready: Callable[[FrozenTrial, list[FrozenTrial]],
     accepts) and return it; None if there is none. Unlike ``Study.ask`` it never creates a trial.
 
     A WAITING trial whose slot another trial already holds (a retried enqueue whose first attempt did
-    reach the database) is closed as interrupted instead of run."""
+    reach the database, or two processes topping up at once) is closed as interrupted instead of run.
+    The check is made again after the claim, on fresh trials: two workers that claimed two copies of
+    one slot from the same snapshot each see the other's claim then, and at least one of them yields
+    (both may: the slot is then free for the next top-up), so a slot never runs twice."""
     storage = study._storage
     trials = study.get_trials(deepcopy=False)
     waiting = sorted((t for t in trials if t.state == TrialState.WAITING), key=lambda t: (slot(t), t.number))
+
+    def rivals(t, trials):
+        return [o for o in trials if o.number != t.number and holds(o) and o.state != TrialState.WAITING
+                and slot(o) == slot(t) and source(o) == source(t)]
     for t in waiting:
-        rivals = [o for o in trials if o.number != t.number and holds(o) and o.state != TrialState.WAITING
-                  and slot(o) == slot(t) and source(o) == source(t)]
-        if not ready(t, trials) and not rivals:
+        if not ready(t, trials) and not rivals(t, trials):
             continue
         try:
             if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
                 continue  # another worker won it
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-        if rivals:
-            interrupt(storage, t._trial_id, f"duplicate of trial {rivals[0].number} (slot {slot(t)})")
+        taken = rivals(t, trials) or rivals(t, study.get_trials(deepcopy=False))
+        if taken:
+            interrupt(storage, t._trial_id, f"duplicate of trial {taken[0].number} (slot {slot(t)})")
             continue
         return storage.get_trial(t._trial_id)
     return None

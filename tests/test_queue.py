@@ -125,6 +125,23 @@ def test_a_qmc_study_spreads_its_first_learning_rates_over_the_range(tmp_path):
 # Rules
 # --------------------------------------------------------------------------------------------------
 
+def test_two_workers_claiming_two_copies_of_a_slot_from_one_snapshot_do_not_both_run(monkeypatch):
+    """Two processes topping up at once enqueue slot 0 twice; two workers read the trials at the same
+    moment (both copies WAITING) and each claims one. Only one of them may run it."""
+    storage, study = fresh(1)
+    queue.enqueue(study, 0)  # the second top-up's copy
+    snapshot = study.get_trials(deepcopy=True)
+    first, second = (t._trial_id for t in snapshot)
+    assert storage.set_trial_state_values(first, state=TrialState.RUNNING)  # worker A's claim, from the snapshot
+    fresh_trials = study.get_trials
+    reads = iter([snapshot])  # worker B's first read is the same snapshot; later reads are fresh
+    monkeypatch.setattr(study, "get_trials", lambda **kw: next(reads, None) or fresh_trials(**kw))
+    assert queue.claim(study) is None  # B claimed the other copy, saw A's claim, and yielded
+    b = storage.get_trial(second)
+    assert queue.interrupted(b) and "duplicate" in b.user_attrs["interrupted"]
+    assert [t._trial_id for t in fresh_trials() if queue.holds(t)] == [first]
+
+
 def test_a_trial_that_completes_while_being_reaped_stays_counted():
     """Issue case 4: the reaper marks a trial interrupted, the worker completes it before the reaper
     sets FAIL. The trial must count once, and the reaper must not fail."""
