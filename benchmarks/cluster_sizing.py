@@ -40,11 +40,9 @@ runs on it: on 2 cores, 8 workers contend for CPU with each other and with both 
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib.util
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -61,6 +59,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from pgcluster import Postgres  # noqa: E402  (beside this script)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 SPEC = """\
@@ -117,88 +117,12 @@ def kill_groups(procs: list[subprocess.Popen], timeout: float = 30) -> None:
     procs.clear()
 
 
-def pg_bindir() -> Path | None:
-    """The newest PostgreSQL server's bin folder (Debian keeps them out of PATH), or None."""
-    found = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")]
-    found.sort(key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0)
-    if found:
-        return found[-1]
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb and shutil.which("pg_ctl") else None
-
-
-class Postgres:
-    """A throwaway cluster: its own folder, 127.0.0.1 only, a password (clients read it from PGPASSWORD,
-    never from a URL), no fsync (the data is thrown away)."""
-
-    def __init__(self):
-        self.bindir = pg_bindir()
-        if self.bindir is None:
-            raise SystemExit("error: no PostgreSQL server binaries (initdb, pg_ctl): apt-get install -y postgresql")
-        self.dir = Path(tempfile.mkdtemp(prefix="rnnbench-sizing-pg-"))
-        self.data, self.log = self.dir / "data", self.dir / "server.log"
-        self.user, self.password, self.port = "rnnbench", secrets.token_hex(16), free_port()
-        (self.dir / "pw").write_text(self.password + "\n")
-        if os.geteuid() == 0:  # initdb and postgres refuse to run as root
-            shutil.chown(self.dir, "postgres")
-            shutil.chown(self.dir / "pw", "postgres")
-        self.started = False
-
-    def _run(self, *cmd, check=True):
-        argv = [str(self.bindir / cmd[0]), *cmd[1:]]
-        if os.geteuid() == 0:
-            argv = ["runuser", "-u", "postgres", "--", *argv]
-        # A session of its own: a Ctrl-C in the terminal reaches this script, which stops the server itself.
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, start_new_session=True)
-        if check and proc.returncode != 0:
-            log = self.log.read_text()[-3000:] if self.log.exists() else ""
-            raise RuntimeError(f"{' '.join(cmd[:2])} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}\n{log}")
-        return proc
-
-    def start(self):
-        self._run("initdb", "-D", str(self.data), "-U", self.user, f"--pwfile={self.dir / 'pw'}",
-                  "--auth=scram-sha-256", "-E", "UTF8", "--no-sync")
-        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off")
-        self.started = True  # from here on, stop() tries to stop it
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options, "start")
-
-    def url(self, database: str) -> str:
-        return f"postgresql+psycopg2://{self.user}@127.0.0.1:{self.port}/{database}"
-
-    def connect(self, database: str = "postgres"):
-        import psycopg2
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
-                                dbname=database)
-        conn.autocommit = True
-        return conn
-
-    def create_database(self, name: str):
-        conn = self.connect()
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            conn.close()
-
-    def stop(self):
-        try:
-            if self.started:
-                if self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop",
-                             check=False).returncode != 0:
-                    self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "-t", "30", "stop",
-                              check=False)
-                self.started = False
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
 class MlflowServer:
     """`mlflow server` over a fresh database of the cluster, artifacts served through it, telemetry off."""
 
     def __init__(self, postgres: Postgres, database: str, base: Path, workers: int):
         postgres.create_database(database)
-        self.backend, self.base, self.workers = postgres.url(database), base, workers
+        self.backend, self.base, self.workers = postgres.url(database, "psycopg2", password=False), base, workers
         self.port, self.log = free_port(), base / "mlflow-server.log"
         self.url, self.proc = f"http://127.0.0.1:{self.port}", None
         self.env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -281,7 +205,7 @@ def measure(n: int, spec_path: Path, postgres: Postgres, base: Path, args, procs
     cells = specs.cells(spec)
     base.mkdir(parents=True)
     postgres.create_database(f"optuna_w{n}")
-    storage = postgres.url(f"optuna_w{n}")
+    storage = postgres.url(f"optuna_w{n}", "psycopg2", password=False)
     server = MlflowServer(postgres, f"mlflow_w{n}", base, args.mlflow_workers)
     monitor = None
     try:
@@ -415,7 +339,7 @@ def main(argv=None) -> int:
     postgres = None
     rows, code, finished = [], 0, False
     try:
-        postgres = Postgres()
+        postgres = Postgres(prefix="rnnbench-sizing-pg-")
         # libpq reads the password from here, in this process (the check reads Optuna's trials) and in every
         # process it starts: no URL carries it.
         os.environ["PGPASSWORD"] = postgres.password

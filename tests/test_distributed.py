@@ -8,11 +8,8 @@ trials spread over more than one worker process.
 Needs the PostgreSQL server binaries (Debian: `apt-get install -y postgresql`; CI installs them); skips,
 saying why, without them. Installs nothing and leaves no server running."""
 
-import glob
 import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,17 +28,10 @@ from studies import queue
 from studies.queue import ENDED, optuna_name
 from studies.store import Store
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from pgcluster import Postgres, pg_bindir  # noqa: E402
+
 pytestmark = pytest.mark.postgres
-
-
-def pg_bindir() -> Path | None:
-    """The newest PostgreSQL server's bin folder (Debian keeps them out of PATH), or None."""
-    found = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")]
-    found.sort(key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0)
-    if found:
-        return found[-1]
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb and shutil.which("pg_ctl") else None
 
 
 def skip_reason() -> str | None:
@@ -58,75 +48,6 @@ def skip_reason() -> str | None:
     except ImportError:
         return "psycopg2 is not installed (pip install -e '.[test]')"
     return None
-
-
-def as_postgres(cmd: list[str]) -> list[str]:
-    """initdb and postgres refuse to run as root: run them as the postgres user then."""
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-class Postgres:
-    """A throwaway cluster: its own folder, 127.0.0.1 only, a password, no fsync."""
-
-    def __init__(self):
-        self.bindir = pg_bindir()
-        self.dir = Path(tempfile.mkdtemp(prefix="rnnbench-pg-"))  # not under pytest's root-only tmp
-        self.data, self.log = self.dir / "data", self.dir / "server.log"
-        self.user, self.password, self.port = "rnnbench", secrets.token_hex(16), free_port()
-        (self.dir / "pw").write_text(self.password + "\n")
-        if os.geteuid() == 0:
-            shutil.chown(self.dir, "postgres")
-            shutil.chown(self.dir / "pw", "postgres")
-        self.started = False
-
-    def _run(self, *cmd):
-        proc = subprocess.run(as_postgres([str(self.bindir / cmd[0]), *cmd[1:]]), capture_output=True, text=True,
-                              timeout=120)
-        if proc.returncode != 0:
-            log = self.log.read_text() if self.log.exists() else ""
-            raise RuntimeError(f"{' '.join(cmd[:2])} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}\n{log}")
-
-    def start(self):
-        self._run("initdb", "-D", str(self.data), "-U", self.user, f"--pwfile={self.dir / 'pw'}",
-                  "--auth=scram-sha-256", "-E", "UTF8", "--no-sync")
-        self._start()
-
-    def _start(self):
-        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off")
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options, "start")
-        self.started = True
-
-    def restart(self, down_seconds: float) -> float:
-        """Stop the server (closing every connection), keep it down, start it again; returns the seconds
-        it was really down."""
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
-        down = time.monotonic()
-        time.sleep(down_seconds)
-        self._start()
-        return time.monotonic() - down
-
-    def url(self, database: str, driver: str = "") -> str:
-        scheme = "postgresql+" + driver if driver else "postgresql"
-        return f"{scheme}://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
-
-    def create_database(self, name: str):
-        import psycopg2
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
-                                dbname="postgres")
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            conn.close()
-
-    def stop(self):
-        try:
-            if self.started:
-                self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +202,8 @@ def test_launcher_and_remote_workers_share_postgres_and_a_tracking_server(postgr
     for cell in cells:
         for kind, wanted in (("search", spec.trials), ("replicate", spec.replicates)):
             ts = optuna.load_study(study_name=optuna_name(spec, cell, kind), storage=storage).get_trials()
-            assert len([t for t in ts if t.state in ENDED]) == wanted == len(ts), (cell.key, kind, ts)
+            assert len([t for t in ts if t.state in ENDED]) == wanted == len(ts), \
+                (cell.key, kind, [(t.number, t.state.name, t.datetime_start, t.user_attrs) for t in ts])
             assert not [t for t in ts if "interrupted" in t.user_attrs]
             trials[(cell.key, kind)] = ts
     started = [t for ts in trials.values() for t in ts]
