@@ -22,11 +22,15 @@ A member whose loss becomes non-finite fails alone (:class:`~studies.training.Di
 the device and checked at each evaluation, like ``train``); a member whose ``on_eval`` returns False or raises
 (pruned) leaves; the others go on. ``tests/test_population.py`` checks a population against sequential runs.
 
-The recurrence is a plain loop over time in autograd (one ``baddbmm`` and a few elementwise ops per step);
-equations as in the variants' docstrings: ``variants/lstm.py`` (every LSTM-family switch: Hochreiter &
+Equations as in the variants' docstrings: ``variants/lstm.py`` (every LSTM-family switch: Hochreiter &
 Schmidhuber 1997, Gers et al. 2000, Greff et al. 2017), ``variants/gru.py`` (Cho et al. 2014, both reset
-conventions), ``variants/elman.py`` (Elman 1990; tanh or relu). Other variants (depth_gated, clockwork) are not
-supported: :func:`supports_population` says so and callers run them one after another.
+conventions), ``variants/elman.py`` (Elman 1990; tanh or relu). The LSTM family runs the sequential model's own
+walk over time with hand-written backpropagation (``variants.lstm.recurrence_forward``/``_backward``) with a
+member axis (:class:`_LSTMRecurrence`); GRU and Elman are a plain loop over time in autograd (one ``baddbmm`` and
+a few elementwise ops per step). Other variants (depth_gated, clockwork) are not supported:
+:func:`supports_population` says so and callers run them one after another. On the CPU, :func:`train_population`
+makes malloc keep freed memory (:func:`keep_freed_memory`): a population's per-step buffers are otherwise page
+faulted in afresh at every step.
 
     >>> from tasks import build_task
     >>> task = build_task("adding", seq_len=10)
@@ -40,7 +44,10 @@ supported: :func:`supports_population` says so and callers run them one after an
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
+import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -55,10 +62,10 @@ from tasks import Batch, Task
 from variants import build_variant
 from variants.elman import ElmanRNN
 from variants.gru import GRU
-from variants.lstm import LSTM, _sigmoid_backward, _tanh_backward
+from variants.lstm import LSTM, recurrence_backward, recurrence_forward, recurrence_small_grads
 
 __all__ = ["PopulationSpec", "Member", "MemberResult", "PopulationModel", "PopulationOptimizer",
-           "train_population", "member_models", "supports_population", "population_pays"]
+           "train_population", "member_models", "supports_population", "population_pays", "keep_freed_memory"]
 
 
 @dataclass(frozen=True)
@@ -118,19 +125,36 @@ def population_pays(variant: str, switches: dict[str, Any] | None, hidden_size: 
     """Whether training replicates as one population beats running them one after another.
 
     Drawn from ``python benchmarks/population.py`` (adding task, B=64, T=100, one CPU thread, Adam + clipping;
-    per-model throughput of populations of 8-16 against sequential runs, on a shared 2-core machine, so ±30%):
-    at hidden 32-64 a population trained 1.4-2x (custom LSTM loops), 1.5-2.9x (nn.GRU, gru_cho) and 1.4-7x
-    (nn.RNN) as many models per second; at hidden 128 about 1x; the fused nn.LSTM kernel (``lstm``/``np``) was
-    always faster alone (0.4-0.8x). On CUDA a small RNN's step is kernel launches, which a population shares:
-    taken to pay always (``benchmarks/gpu.sh`` measures it)."""
+    per-model throughput of a population against the same runs one after another, timed side by side in one
+    process in CPU time; the medians over 3-5 rounds of two runs, and in brackets the worst single round; a
+    shared 2-core machine; wall time on the quiet machine agreed):
+
+    * custom LSTM-family loops (peephole/greff, cifg, nig, nfg, nog, niaf, noaf), populations of 8-16: hidden 32
+      2.8-4.3x (2.2), hidden 64 2.0-3.0x (1.5), hidden 128 1.5-1.8x (1.2); of 2 and 4 (peephole): 1.5-2.3x at
+      hidden 32-64, 1.5-1.6x at 128; hidden 256 (P = 8) 1.14x. Paid at hidden <= 128.
+    * fgr (9 more H x H matmuls per step, the same cost per model in a population): hidden 32 2.4-2.8x (2.1),
+      64 1.6-1.8x (1.4), 128 1.2-1.3x (1.05); P = 2-4: 1.4-1.9x at 32-64. Paid at hidden <= 64.
+    * gru (nn.GRU alone) 2.6-3.0x, 1.7x, 1.1-1.2x at hidden 32, 64, 128; gru_cho 2.2-2.8x, 2.2-2.5x, 1.5x; rnn
+      (nn.RNN) 2.6-2.9x, 2.3x, 1.5x (P = 8-16, 3 rounds). Paid at hidden <= 64, as before (small populations
+      not measured at 128).
+    * ``lstm``/``np`` (the fused nn.LSTM kernel alone, against the population's loop): 1.15-1.3x at hidden 32,
+      0.9-1.1x at 64-128: never paid (too thin to be sure of).
+
+    The population's edge at these sizes is per-op overhead shared by P members; the matmuls and transcendental
+    functions cost the same per member (so the edge shrinks as hidden grows, and with FGR). On CUDA a small
+    RNN's step is kernel launches, which a population shares: taken to pay always (``benchmarks/gpu.sh``
+    measures it)."""
     if not supports_population(variant, switches):
         return False
     if torch.device(device).type == "cuda":
         return True
     with torch.device("meta"):
         rnn = build_variant(variant, 1, 4, **(switches or {}))
-    native_lstm = isinstance(rnn, LSTM) and rnn.native
-    return not native_lstm and hidden_size <= 64
+    if isinstance(rnn, LSTM):
+        if rnn.native:
+            return False
+        return hidden_size <= (64 if rnn.full_gate_recurrence else 128)
+    return hidden_size <= 64
 
 
 def member_models(task: Task, spec: PopulationSpec, seeds: list[int]) -> list[SequenceModel]:
@@ -215,13 +239,14 @@ class PopulationModel(nn.Module):
             b = b_ih
         else:
             b = b_ih + b_hh
-        xp = torch.baddbmm(b.unsqueeze(1), x.reshape(P, T * B, -1), _t(w_ih)).view(P, T, B, -1)
         if self.family == "lstm" and self.fused:
             cell = self.cell
             peep = self.w(f"rnn.weight_peephole_l{k}") if cell.peephole else None
             w_gg = self.w(f"rnn.weight_gg_l{k}") if cell.full_gate_recurrence else None
-            a0 = h.new_zeros(P, B, len(cell.sigmoid_gates) * H) if w_gg is not None else None
-            return _LSTMRecurrence.apply(cell, xp, h, h, a0, w_hh, peep, w_gg)
+            # (P, 1+in+H, G*H): [1, x_t, h_{t-1}] times it is a step's pre-activations, bias included
+            w = _t(torch.cat([b.unsqueeze(2), w_ih, w_hh], 2))
+            return _LSTMRecurrence.apply(cell, x, w, peep, w_gg)
+        xp = torch.baddbmm(b.unsqueeze(1), x.reshape(P, T * B, -1), _t(w_ih)).view(P, T, B, -1)
         steps = xp.unbind(1)
         if self.family == "lstm":
             return self._lstm(k, steps, h, _t(w_hh))
@@ -311,158 +336,93 @@ def _t(w: torch.Tensor) -> torch.Tensor:
 
 
 class _LSTMRecurrence(torch.autograd.Function):
-    """variants/lstm.py's ``_Recurrence`` with a member axis: one LSTM-family layer over precomputed input
-    projections xp (P, T, B, G*H) in the loop's gate layout [sigmoid gates, g], weights (P, ...); every step
-    one ``baddbmm`` for all P members. Same equations and order of operations as the sequential twin: forward in
-    place in preallocated buffers; backward walks time in reverse computing the pre-activation gradients dZ and
-    the state gradients, then each weight gradient is one batched matmul over all steps. Layout: the
-    activations are time-major (T, P, B, G*H), so each step's matmul writes one contiguous block; states and
-    dZ are member-major (P, T, B, .), so the weight gradients need no transposed copies. Returns every step's
-    h, (P, T, B, H)."""
+    """One LSTM-family layer of P stacked members over x (P, T, B, in), with hand-written backpropagation
+    through time: the walk over time of ``variants/lstm.py`` (:func:`~variants.lstm.recurrence_forward`,
+    :func:`~variants.lstm.recurrence_backward`, the equations and elementwise operations of a sequential run,
+    but for the two CPU choices marked below) with a member axis. ``w`` (P, 1+in+H, G*H) stacks b^T
+    (b = b_ih + b_hh), W_ih^T and W_hh^T, gate columns in the loop's layout [sigmoid gates, g]. Returns every
+    step's h, (P, T, B, H). Choices, each measured on one CPU thread at P = 8-16, H = 32-64, B = 64, T = 100:
+
+    * Each step's pre-activations are one ``bmm`` of [1, x_t, h_{t-1}] with ``w``: the constant 1, x_t and
+      h_{t-1} sit side by side in one buffer ``xh`` (P, T+1, B, 1+in+H). Hoisting the input projection out of
+      the loop (one bmm over all steps, then a recurrent ``baddbmm`` per step) ran the forward matmuls 1.4-2.4x
+      slower: its (P, T, B, G*H) result, 26-105 MB, goes through memory three times, a step's block stays in
+      cache. The weight gradient is one bmm, xh^T dZ, the bias's included (its row of ``w``).
+    * The activations are time-major (T, P, B, G*H), so each step's matmul writes one contiguous block (a
+      member-strided output ran 15-30% slower); cells, dZ and ``xh`` are member-major, so the weight gradients
+      are batched matmuls over all steps without transposed copies.
+    * Buffers are allocated per call: with :func:`keep_freed_memory` (``train_population`` sets it) they come
+      back without page faults; a pool reusing them across steps measured no faster then.
+    * (CPU choice) The peepholes' gradients are summed during the backward walk, on each step's data while it
+      is in cache (3 small ops per step), not in three passes over the (P, T, B, H) buffers afterwards, which
+      took 9% of the step at P = 16, H = 64 (memory-bound; 3% for one model). Only the summation order differs;
+      on CUDA the three reductions after the walk are cheaper than 3 more kernel launches per step.
+    * (CPU choice) On the CPU, tanh is computed as 2σ(2x) - 1 (``tanh_via_sigmoid``): torch's σ ran 3.6x
+      faster per element than its tanh here, and the tanh's are the walk's dearest ops. Mathematically the same
+      function; in float32 it departs from torch.tanh by ~1e-7 absolute, so after 30 Adam steps a member's
+      parameters differ from its sequential run's by up to ~1e-5 relative instead of ~5e-6 (held-out losses:
+      ~1e-7 either way). With the summed peephole gradients: 9-10% faster at P = 8-16, H = 64. Not on CUDA,
+      where tanh is cheap.
+    """
 
     @staticmethod
-    def forward(ctx, cell, xp, h0, c0, a0, w_hh, peep, w_gg):
-        P, T, B, GH = xp.shape
+    def forward(ctx, cell, x, w, peep, w_gg):
+        P, T, B, n_in = x.shape
         H = cell.hidden_size
-        si, sf, sg, so = cell._slices()
-        SH, S = sg.start, len(cell.sigmoid_gates)
-        K = (si is not None) + (sf is not None)      # i and f, the gates before the cell update
-        KH = K * H
-        p_if = peep[:, :K].unsqueeze(1) if peep is not None else None                     # (P, 1, K, H)
-        p_o = peep[:, S - 1].unsqueeze(1) if peep is not None and so is not None else None  # (P, 1, H)
-        acts = xp.new_empty(T, P, B, GH)
-        cs, hs = xp.new_empty(P, T + 1, B, H), xp.new_empty(P, T + 1, B, H)
-        cs[:, 0], hs[:, 0] = c0, h0
-        ys = xp.new_empty(P, T, B, H) if cell.output_activation else cs[:, 1:]
-        w_hh_t = _t(w_hh)
-        w_gg_t = _t(w_gg) if w_gg is not None else None
-        for t in range(T):
-            a, c_prev, c, y = acts[t], cs[:, t], cs[:, t + 1], ys[:, t]
-            torch.baddbmm(xp[:, t], hs[:, t], w_hh_t, out=a)
-            if w_gg is not None:
-                a[..., :SH].baddbmm_(acts[t - 1, ..., :SH] if t else a0, w_gg_t)
-            if KH:
-                z_if = a[..., :KH]
-                if p_if is not None:
-                    z_if.view(P, B, K, H).addcmul_(p_if, c_prev.unsqueeze(2))
-                z_if.sigmoid_()
-            i = a[..., si] if si is not None else None
-            f = a[..., sf] if sf is not None else None
-            g = a[..., sg]
-            if cell.input_activation:
-                g.tanh_()
-            if f is not None:
-                torch.mul(f, c_prev, out=c)
-            elif cell.coupled:
-                torch.addcmul(c_prev, i, c_prev, value=-1.0, out=c)
-            else:
-                c.copy_(c_prev)
-            if i is not None:
-                c.addcmul_(i, g)
-            else:
-                c.add_(g)
-            if cell.output_activation:
-                torch.tanh(c, out=y)
-            if so is not None:
-                o = a[..., so]
-                if p_o is not None:
-                    o.addcmul_(p_o, c)
-                o.sigmoid_()
-                torch.mul(o, y, out=hs[:, t + 1])
-            else:
-                hs[:, t + 1].copy_(y)
-        ctx.cell = cell
-        ctx.save_for_backward(acts, cs, hs, ys if cell.output_activation else None, w_hh, peep, w_gg, a0)
+        GH = w.shape[2]
+        SH = cell._slices()[2].start
+        xh = x.new_empty(P, T + 1, B, 1 + n_in + H)  # [1, x_t, h_{t-1}] at t; h_{-1} = 0; row T holds h_{T-1}
+        xh[..., 0] = 1
+        xh[:, :T, :, 1:1 + n_in] = x
+        xh[:, T, :, 1:1 + n_in] = 0
+        hs = xh[..., 1 + n_in:]
+        hs[:, 0] = 0
+        acts = x.new_empty(T, P, B, GH)             # time-major: each step's matmul writes one block
+        cs = x.new_empty(P, T + 1, B, H)
+        cs[:, 0] = 0
+        ys = x.new_empty(P, T, B, H) if cell.output_activation else cs[:, 1:]
+        a0 = x.new_zeros(P, B, SH) if w_gg is not None else None
+        xh_t = xh.unbind(1)
+
+        def project(t, out):                         # [1, x_t, h_{t-1}] w, into the step's activations
+            torch.bmm(xh_t[t], w, out=out)
+
+        recurrence_forward(cell, acts.unbind(0), cs.unbind(1), hs.unbind(1), ys.unbind(1), project, peep,
+                           _t(w_gg) if w_gg is not None else None, a0, tanh_via_sigmoid=x.device.type == "cpu")
+        ctx.cell, ctx.n_in = cell, n_in
+        ctx.save_for_backward(xh, acts, cs, ys if cell.output_activation else None, w, peep, w_gg, a0)
         return hs[:, 1:]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out):
-        cell = ctx.cell
-        acts, cs, hs, ys, w_hh, peep, w_gg, a0 = ctx.saved_tensors
+        cell, n_in = ctx.cell, ctx.n_in
+        xh, acts, cs, ys, w, peep, w_gg, a0 = ctx.saved_tensors
         if ys is None:
             ys = cs[:, 1:]
         T, P, B, GH = acts.shape
         H = cell.hidden_size
-        si, sf, sg, so = cell._slices()
-        SH, S = sg.start, len(cell.sigmoid_gates)
-        K = (si is not None) + (sf is not None)
-        KH = K * H
-        p_i = peep[:, 0].unsqueeze(1) if peep is not None and si is not None else None
-        p_f = peep[:, K - 1].unsqueeze(1) if peep is not None and sf is not None else None
-        p_o = peep[:, S - 1].unsqueeze(1) if peep is not None and so is not None else None
-        dZ = hs.new_empty(P, T, B, GH)
-        dh, dc = hs.new_zeros(P, B, H), hs.new_zeros(P, B, H)
-        da = hs.new_zeros(P, B, SH) if w_gg is not None else None
-        for t in reversed(range(T)):
-            dh.add_(d_out[:, t])
-            a, dz, c_prev, y = acts[t], dZ[:, t], cs[:, t], ys[:, t]
-            i = a[..., si] if si is not None else None
-            f = a[..., sf] if sf is not None else None
-            g = a[..., sg]
-            if so is not None:
-                o, dzo = a[..., so], dz[..., so]
-                torch.mul(dh, y, out=dzo)
-                if da is not None:
-                    dzo.add_(da[..., so])
-                _sigmoid_backward(dzo, o, out=dzo)
-                dy = dh * o
-            else:
-                dy = dh
-            if cell.output_activation:
-                dc.add_(_tanh_backward(dy, y, out=dy if so is not None else None))
-            else:
-                dc.add_(dy)
-            if p_o is not None:
-                dc.addcmul_(dzo, p_o)
-            dzg = dz[..., sg]
-            if i is not None:
-                torch.mul(dc, i, out=dzg)
-            else:
-                dzg.copy_(dc)
-            if cell.input_activation:
-                _tanh_backward(dzg, g, out=dzg)
-            if i is not None:
-                dzi = dz[..., si]
-                torch.mul(dc, g, out=dzi)
-                if cell.coupled:
-                    dzi.addcmul_(dc, c_prev, value=-1.0)
-            if f is not None:
-                dzf = dz[..., sf]
-                torch.mul(dc, c_prev, out=dzf)
-            if KH:
-                dz_if = dz[..., :KH]
-                if da is not None:
-                    dz_if.add_(da[..., :KH])
-                _sigmoid_backward(dz_if, a[..., :KH], out=dz_if)
-            if f is not None:
-                dc.mul_(f)                            # now dc is d loss / d c_{t-1}
-            elif cell.coupled:
-                dc.mul_(1.0 - i)
-            if p_i is not None:
-                dc.addcmul_(dzi, p_i)
-            if p_f is not None:
-                dc.addcmul_(dzf, p_f)
-            torch.bmm(dz, w_hh, out=dh)               # d loss / d h_{t-1}, before adding d_out[t-1]
-            if da is not None:
-                torch.bmm(dz[..., :SH], w_gg, out=da)
+        SH = cell._slices()[2].start
+        dZ = acts.new_empty(P, T, B, GH)            # gradients of the gate pre-activations, member-major
+        dh, dc = acts.new_zeros(P, B, H), acts.new_zeros(P, B, H)
+        da = acts.new_zeros(P, B, SH) if w_gg is not None else None
+        acc = None  # CPU: the peepholes' gradients, summed over steps during the walk (then over the batch)
+        if peep is not None and acts.device.type == "cpu":
+            si, sf, _, so = cell._slices()
+            acc = [acts.new_zeros(P, B, H) if sl is not None else None for sl in (si, sf, so)]
+        recurrence_backward(cell, acts.unbind(0), cs.unbind(1), ys.unbind(1),
+                            d_out.unbind(1) if d_out is not None else None, dZ.unbind(1), dh, dc, da,
+                            _t(w[:, 1 + n_in:]), peep, w_gg, peep_grads=acc)
         flat = dZ.view(P, T * B, GH)
-        d_w_hh = torch.bmm(hs[:, :-1].reshape(P, T * B, H).transpose(1, 2), flat).transpose(1, 2)
-        d_peep = d_w_gg = None
-        if peep is not None:
-            rows = []
-            for gate, sl in (("i", si), ("f", sf), ("o", so)):
-                if sl is not None:
-                    cell_seen = cs[:, 1:] if gate == "o" else cs[:, :-1]  # o peeks at c_t, i and f at c_{t-1}
-                    rows.append((dZ[..., sl] * cell_seen).sum((1, 2)))
-            d_peep = torch.stack(rows, 1)
-        if w_gg is not None:  # step t's gates hear step t-1's activations; step 0's hear a0
-            d_w_gg_t = torch.bmm(a0.transpose(1, 2), dZ[:, 0, :, :SH])
-            if T > 1:
-                prev = acts[:-1, ..., :SH].transpose(0, 1).reshape(P, -1, SH)
-                d_w_gg_t.baddbmm_(prev.transpose(1, 2), dZ[:, 1:, :, :SH].reshape(P, -1, SH))
-            d_w_gg = d_w_gg_t.transpose(1, 2)
-        return None, dZ, dh, dc, da, d_w_hh, d_peep, d_w_gg
+        d_w = torch.bmm(xh[:, :T].reshape(P, T * B, 1 + n_in + H).transpose(1, 2), flat)  # the bias's row too
+        d_x = None
+        if ctx.needs_input_grad[1]:
+            d_x = torch.bmm(flat, w[:, 1:1 + n_in].transpose(1, 2)).view(P, T, B, n_in)
+        d_peep, d_w_gg = recurrence_small_grads(cell, dZ, cs, peep is not None and acc is None,
+                                                (acts[:-1, ..., :SH].transpose(0, 1), a0) if w_gg is not None else None)
+        if acc is not None:
+            d_peep = torch.stack([u.sum(1) for u in acc if u is not None], 1)
+        return None, d_x, d_w, d_peep, d_w_gg
 
 
 class PopulationOptimizer:
@@ -565,6 +525,8 @@ def train_population(task: Task, spec: PopulationSpec, members: list[Member], cf
                          "train its runs one by one (see supports_population)")
     torch.set_flush_denormal(True)  # subnormal floats can slow CPU recurrences ~10x
     device = resolve_device(device or "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()
     pop = PopulationModel(member_models(task, spec, [m.seed for m in members])).to(device)
     eval_batch = batch_to(eval_batch, device)
     generators = [torch.Generator().manual_seed(m.seed) for m in members]
@@ -630,6 +592,33 @@ def train_population(task: Task, spec: PopulationSpec, members: list[Member], cf
     return results
 
 
+_KEPT = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process (Linux with glibc; elsewhere a no-op, False).
+
+    By default glibc serves blocks over 32 MB with a fresh mmap and trims the heap when a large top is freed, so
+    a population's step buffers (tens to hundreds of MB: activations, the layer output, its gradient) come back
+    as new pages at every training step, each page faulted in on first touch: 19,700 minor faults per step for
+    P=16, H=64, B=64, T=100 (3,800 at P=8, H=32), about as long as the walk over time itself. With
+    M_MMAP_THRESHOLD and M_TRIM_THRESHOLD at 1 GiB: none (measured with ``getrusage``; sequential runs of the
+    same model went from 2,400 to 530 per step). Process-wide and not undone: the process keeps its peak memory
+    (the population's working set, which every step needs again) instead of handing it back between steps."""
+    global _KEPT
+    if _KEPT:
+        return True
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        _KEPT = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+    return _KEPT
+
+
 @torch.no_grad()
 def _evaluate(task: Task, pop: PopulationModel, batch: Batch) -> list[dict[str, float]]:
     """Each member's held-out metrics, on the shared held-out batch."""
@@ -641,27 +630,40 @@ def _evaluate(task: Task, pop: PopulationModel, batch: Batch) -> list[dict[str, 
 
 # --- timing: the measurements population_pays is drawn from (benchmarks/population.py, `rnnbench bench --population`)
 
-BENCH_FAMILIES = {"lstm": ("lstm", {}), "peephole": ("peephole", {}), "gru": ("gru", {}),
-                  "gru_cho": ("gru_cho", {}), "rnn": ("rnn", {})}
+BENCH_FAMILIES = {"lstm": ("lstm", {}), "peephole": ("peephole", {}), "cifg": ("cifg", {}), "nig": ("nig", {}),
+                  "nfg": ("nfg", {}), "nog": ("nog", {}), "niaf": ("niaf", {}), "noaf": ("noaf", {}),
+                  "fgr": ("fgr", {}), "gru": ("gru", {}), "gru_cho": ("gru_cho", {}), "rnn": ("rnn", {})}
+# greff is peephole's equations under another name; cifg/nig/.../fgr are Greff et al.'s LSTM-family ablations.
+DEFAULT_BENCH_FAMILIES = ("lstm", "peephole", "fgr", "gru", "gru_cho", "rnn")
 
 
 def benchmark_population(families: list[str] | None = None, hidden_sizes=(32, 64, 128), sizes=(1, 4, 8, 16, 32),
                          batch: int = 64, seq_len: int = 100, device: str = "cpu", threads: int = 1,
-                         warmup: int = 1, repeats: int = 3) -> list[dict]:
+                         warmup: int = 1, repeats: int = 3, clock: str = "auto") -> list[dict]:
     """Per family and hidden size, one training step (forward, backward, clipping, Adam) of one model, and of
     populations of each size, on the adding task (B=batch, T=seq_len). Timed round-robin over the runners after
-    warm-up, median of ``repeats``. Rows: family, hidden, members, seq_ms (one model's step, sequential),
-    pop_ms (the population's step), speedup = members * seq_ms / pop_ms (per-model throughput against the same
-    runs one after another)."""
+    ``warmup`` rounds: each of ``repeats`` rounds times one sequential step and one step of each population, so
+    each round gives its own ratio. Rows: family, hidden, members, seq_ms and pop_ms (medians over rounds: one
+    model's step, the population's step), speedup (the median over rounds of members * seq / pop: per-model
+    throughput against the same runs one after another) and its range over rounds, speedup_lo, speedup_hi.
+
+    ``clock``: "wall" (``perf_counter``), "cpu" (this process's CPU time, ``process_time``), or "auto": CPU time
+    on the CPU with one thread, wall time otherwise. On a shared machine CPU time leaves out the time other
+    processes hold the core (1 thread: CPU time is the step's own work); with several threads it would add the
+    threads' times up, and CUDA work is not CPU time: wall time there."""
     from tasks import build_task
 
     torch.set_flush_denormal(True)
+    keep_freed_memory()  # for the sequential runs too: they are timed in this process, under the same malloc
     torch.set_num_threads(threads)
     device = resolve_device(device)
+    if clock == "auto":
+        clock = "cpu" if device.type == "cpu" and threads == 1 else "wall"
+    now = {"cpu": time.process_time, "wall": time.perf_counter}[clock]
     task = build_task("adding", seq_len=seq_len)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
-    for family in families or list(BENCH_FAMILIES):
+    for family in families or DEFAULT_BENCH_FAMILIES:
         variant, switches = BENCH_FAMILIES[family]
         for hidden in hidden_sizes:
             spec = PopulationSpec(variant, switches, hidden_size=hidden)
@@ -671,17 +673,23 @@ def benchmark_population(families: list[str] | None = None, hidden_sizes=(32, 64
             for r in range(warmup + repeats):
                 for k, run in runners.items():
                     sync()
-                    t0 = time.perf_counter()
+                    t0 = now()
                     run()
                     sync()
                     if r >= warmup:
-                        times[k].append(time.perf_counter() - t0)
-            seq = sorted(times[0])[len(times[0]) // 2] * 1e3
+                        times[k].append(now() - t0)
             for p in sizes:
-                pop = sorted(times[p])[len(times[p]) // 2] * 1e3
-                rows.append(dict(family=family, hidden=hidden, members=p, seq_ms=seq, pop_ms=pop,
-                                 speedup=p * seq / pop))
+                ratios = sorted(p * s / q for s, q in zip(times[0], times[p]))
+                rows.append(dict(family=family, hidden=hidden, members=p, seq_ms=_median(times[0]) * 1e3,
+                                 pop_ms=_median(times[p]) * 1e3, speedup=_median(ratios), speedup_lo=ratios[0],
+                                 speedup_hi=ratios[-1], clock=clock))
     return rows
+
+
+def _median(values):
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
 
 
 def _sequential_step(task, spec, batch, device):
@@ -717,9 +725,12 @@ def _population_step(task, spec, size, batch, device):
 
 def format_population_table(rows: list[dict]) -> str:
     """A markdown table of :func:`benchmark_population`'s rows."""
-    lines = ["| family | hidden | members | one model ms/step | population ms/step | speed-up (models/s) |",
+    clock = rows[0].get("clock", "wall") if rows else "wall"
+    lines = [f"| family | hidden | members | one model ms/step ({clock}) | population ms/step | "
+             "speed-up (models/s), median (range over rounds) |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        spread = f" ({r['speedup_lo']:.2f}-{r['speedup_hi']:.2f})" if "speedup_lo" in r else ""
         lines.append(f"| {r['family']} | {r['hidden']} | {r['members']} | {r['seq_ms']:.1f} | {r['pop_ms']:.1f} | "
-                     f"{r['speedup']:.2f}x |")
+                     f"{r['speedup']:.2f}x{spread} |")
     return "\n".join(lines)

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from studies.population import (Member, PopulationModel, PopulationSpec, member_models, population_pays,
+from studies.population import (Member, PopulationModel, PopulationSpec, benchmark_population,
+                                format_population_table, keep_freed_memory, member_models, population_pays,
                                 supports_population, train_population)
 from studies.training import Divergence, SequenceModel, TrainConfig, gradient_by_lag, train
 from tasks import build_task
@@ -156,10 +157,45 @@ def test_unsupported_configurations_are_reported():
 def test_population_pays_rule():
     assert population_pays("peephole", {}, 32, "cpu") and population_pays("gru_cho", {}, 64, "cpu")
     assert population_pays("rnn", {}, 32, "cpu") and population_pays("gru", {}, 64, "cpu")
-    assert not population_pays("peephole", {}, 128, "cpu")
+    assert population_pays("peephole", {}, 128, "cpu") and population_pays("nig", {}, 128, "cpu")
+    assert not population_pays("peephole", {}, 256, "cpu") and not population_pays("gru", {}, 128, "cpu")
+    assert population_pays("fgr", {}, 64, "cpu") and not population_pays("fgr", {}, 128, "cpu")
     assert not population_pays("lstm", {}, 32, "cpu")  # the fused kernel
     assert population_pays("lstm", {}, 128, "cuda")
     assert not population_pays("clockwork", {}, 32, "cuda")
+
+
+@pytest.mark.parametrize("variant, layers", [("peephole", 1), ("fgr", 1), ("cifg", 2), ("gru_cho", 1)])
+def test_a_members_numbers_do_not_depend_on_its_companions(variant, layers):
+    """Bit for bit, for populations of two or more (the engine groups runs by timing: studies/worker.py)."""
+    task = build_task("copy_memory", seq_len=4, n_copy=2)
+    spec = PopulationSpec(variant, hidden_size=6, num_layers=layers)
+    members = [Member(seed=s, lr=1e-2) for s in (3, 7, 11, 13)]
+    cfg = TrainConfig(steps=6, eval_every=3, batch_size=5)
+    runs = [train_population(task, spec, [members[i] for i in group], cfg, task.eval_batch(16, 0))[0]
+            for group in ((0, 1), (0, 1, 2), (0, 2, 3, 1))]
+    for r in runs[1:]:
+        assert r.history == runs[0].history
+        for p, q in zip(r.model.parameters(), runs[0].model.parameters()):
+            assert torch.equal(p, q)
+
+
+def test_keep_freed_memory_is_idempotent():
+    first = keep_freed_memory()
+    assert isinstance(first, bool) and keep_freed_memory() == first
+
+
+def test_benchmark_rows_carry_the_spread_over_rounds():
+    threads = torch.get_num_threads()
+    try:
+        rows = benchmark_population(["peephole", "fgr"], hidden_sizes=(4,), sizes=(2,), batch=2, seq_len=3,
+                                    warmup=0, repeats=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["family"], r["members"]) for r in rows] == [("peephole", 2), ("fgr", 2)]
+    for r in rows:
+        assert r["clock"] == "cpu" and 0 < r["speedup_lo"] <= r["speedup"] <= r["speedup_hi"]
+    assert "(" in format_population_table(rows).splitlines()[-1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

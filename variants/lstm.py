@@ -200,6 +200,8 @@ class _Recurrence(torch.autograd.Function):
     [sigmoid gates, g] (see ``LSTM._slices``), with hand-written backpropagation through time. With FGR,
     a0 (B, S*H) are the sigmoid-gate activations before the first step, and the last step's are returned.
 
+    The walk over time is :func:`recurrence_forward` / :func:`recurrence_backward`, shared with the population
+    trainer (``studies/population.py``), which runs P stacked models through it with a leading member axis.
     The forward pass runs without autograd bookkeeping, in place in preallocated buffers. The backward pass
     walks time in reverse computing only the pre-activation gradients dZ and the state gradients; the weight
     gradients are then each one matmul over all steps, not T small ones. Every switch combination is checked
@@ -210,52 +212,19 @@ class _Recurrence(torch.autograd.Function):
     def forward(ctx, cell, xp, h0, c0, a0, w_hh, peep, w_gg):
         T, B, _ = xp.shape
         H = cell.hidden_size
-        si, sf, sg, so = cell._slices()
-        po = cell._peepholes(peep)[2]                # i and f peepholes are applied as one block below
-        SH = sg.start                                # the sigmoid gates come first
-        K = (si is not None) + (sf is not None)      # i and f, the gates before the cell update
-        KH = K * H
+        SH = cell._slices()[2].start
         acts = torch.empty_like(xp)                  # gate activations: σ(i), σ(f), tanh(g) or g, σ(o)
         cs = xp.new_empty(T + 1, B, H)               # c_{-1} = c0, c_0, ..., c_{T-1}
         hs = xp.new_empty(T + 1, B, H)
         cs[0], hs[0] = c0, h0
         ys = xp.new_empty(T, B, H) if cell.output_activation else cs[1:]  # the cell output (tanh(c) or c)
-        w_hh_t = w_hh.t()
-        for t in range(T):
-            a, c_prev, c = acts[t], cs[t], cs[t + 1]
-            torch.addmm(xp[t], hs[t], w_hh_t, out=a)
-            if w_gg is not None:
-                a[:, :SH].addmm_(acts[t - 1, :, :SH] if t else a0, w_gg.t())
-            if KH:  # i and f lead the layout: one peephole op and one sigmoid for both
-                z_if = a[:, :KH]
-                if peep is not None:
-                    z_if.view(B, K, H).addcmul_(peep[:K], c_prev.unsqueeze(1))
-                z_if.sigmoid_()
-            i = a[:, si] if si is not None else None
-            f = a[:, sf] if sf is not None else None
-            g = a[:, sg]
-            if cell.input_activation:
-                g.tanh_()
-            if f is not None:
-                torch.mul(f, c_prev, out=c)
-            elif cell.coupled:                       # f = 1 - i
-                torch.addcmul(c_prev, i, c_prev, value=-1.0, out=c)
-            else:
-                c.copy_(c_prev)
-            if i is not None:
-                c.addcmul_(i, g)
-            else:
-                c.add_(g)
-            if cell.output_activation:
-                torch.tanh(c, out=ys[t])
-            if so is not None:
-                o = a[:, so]
-                if po is not None:
-                    o.addcmul_(po, c)
-                o.sigmoid_()
-                torch.mul(o, ys[t], out=hs[t + 1])
-            else:
-                hs[t + 1].copy_(ys[t])
+        w_hh_t, xps, h_prev = w_hh.t(), xp.unbind(0), hs.unbind(0)
+
+        def project(t, out):                         # xp_t + h_{t-1} W_hh^T, into the step's activations
+            torch.addmm(xps[t], h_prev[t], w_hh_t, out=out)
+
+        recurrence_forward(cell, acts.unbind(0), cs.unbind(0), h_prev, ys.unbind(0), project, peep,
+                           w_gg.t() if w_gg is not None else None, a0)
         ctx.cell = cell
         ctx.save_for_backward(acts, cs, hs, ys if cell.output_activation else None, w_hh, peep, w_gg, a0)
         aT = acts[T - 1, :, :SH].clone() if w_gg is not None else None
@@ -270,85 +239,220 @@ class _Recurrence(torch.autograd.Function):
             ys = cs[1:]
         T, B, GH = acts.shape
         H = cell.hidden_size
-        si, sf, sg, so = cell._slices()
-        pi, pf, po = cell._peepholes(peep)
+        SH = cell._slices()[2].start
         dZ = torch.empty_like(acts)                  # gradients of the gate pre-activations
         dh = d_hT.clone() if d_hT is not None else hs.new_zeros(B, H)
         dc = d_cT.clone() if d_cT is not None else hs.new_zeros(B, H)
-        SH = sg.start
-        KH = ((si is not None) + (sf is not None)) * H
         da = None  # FGR: d loss / d (this step's sigmoid-gate activations), from the next step and d_aT
         if w_gg is not None:
             da = d_aT.clone() if d_aT is not None else hs.new_zeros(B, SH)
-        for t in reversed(range(T)):
-            if d_out is not None:
-                dh.add_(d_out[t])
-            a, dz, c_prev, y = acts[t], dZ[t], cs[t], ys[t]
-            i = a[:, si] if si is not None else None
-            f = a[:, sf] if sf is not None else None
-            g = a[:, sg]
-            if so is not None:
-                o, dzo = a[:, so], dz[:, so]
-                torch.mul(dh, y, out=dzo)
-                if da is not None:
-                    dzo.add_(da[:, so])
-                _sigmoid_backward(dzo, o, out=dzo)
-                dy = dh * o
-            else:
-                dy = dh
-            if cell.output_activation:
-                dc.add_(_tanh_backward(dy, y, out=dy if so is not None else None))
-            else:
-                dc.add_(dy)
-            if po is not None:
-                dc.addcmul_(dzo, po)
-            dzg = dz[:, sg]
-            if i is not None:
-                torch.mul(dc, i, out=dzg)
-            else:
-                dzg.copy_(dc)
-            if cell.input_activation:
-                _tanh_backward(dzg, g, out=dzg)
-            if i is not None:
-                dzi = dz[:, si]
-                torch.mul(dc, g, out=dzi)
-                if cell.coupled:
-                    dzi.addcmul_(dc, c_prev, value=-1.0)
-            if f is not None:
-                dzf = dz[:, sf]
-                torch.mul(dc, c_prev, out=dzf)
-            if KH:  # σ' for i and f together
-                dz_if, a_if = dz[:, :KH], a[:, :KH]
-                if da is not None:
-                    dz_if.add_(da[:, :KH])
-                _sigmoid_backward(dz_if, a_if, out=dz_if)
-            if f is not None:
-                dc.mul_(f)                            # now dc is d loss / d c_{t-1}
-            elif cell.coupled:
-                dc.mul_(1.0 - i)
-            if pi is not None:
-                dc.addcmul_(dzi, pi)
-            if pf is not None:
-                dc.addcmul_(dzf, pf)
-            torch.mm(dz, w_hh, out=dh)                # d loss / d h_{t-1}, before adding d_out[t-1]
-            if da is not None:
-                torch.mm(dz[:, :SH], w_gg, out=da)
+        recurrence_backward(cell, acts.unbind(0), cs.unbind(0), ys.unbind(0),
+                            d_out.unbind(0) if d_out is not None else None, dZ.unbind(0), dh, dc, da, w_hh, peep,
+                            w_gg)
         flat = dZ.view(T * B, GH)
         # (h^T dZ)^T, not dZ^T h: BLAS ran the latter (a transposed T*B-row operand first) ~3x slower (measured).
         d_w_hh = (hs[:-1].reshape(T * B, H).t() @ flat).t()
-        d_peep = d_w_gg = None
-        if peep is not None:
-            rows = []
-            for gate, sl in (("i", si), ("f", sf), ("o", so)):
-                if sl is not None:
-                    cell_seen = cs[1:] if gate == "o" else cs[:-1]  # o peeks at c_t, i and f at c_{t-1}
-                    rows.append((dZ[..., sl] * cell_seen).sum((0, 1)))
-            d_peep = torch.stack(rows)
-        if w_gg is not None:  # step t's gates hear step t-1's activations; step 0's hear a0
-            d_w_gg_t = a0.t() @ dZ[0, :, :SH]
-            d_w_gg_t.addmm_(acts[:-1, :, :SH].reshape(-1, SH).t(), dZ[1:, :, :SH].reshape(-1, SH))
-            d_w_gg = d_w_gg_t.t()
+        d_peep, d_w_gg = recurrence_small_grads(cell, dZ, cs, peep is not None,
+                                                (acts[:-1, :, :SH], a0) if w_gg is not None else None)
         return None, dZ, dh, dc, da, d_w_hh, d_peep, d_w_gg
+
+
+# The walk over time, shared by one model (steps (B, .), weights (m, n)) and the population trainer's P stacked
+# models (a leading member axis: steps (P, B, .), weights (P, m, n)). The walk takes its buffers as sequences of
+# per-step views (``unbind`` of the time axis, wherever the caller's layout puts it). Elementwise ops broadcast
+# alike; the matmuls are torch.mm / addmm for one model and torch.bmm / baddbmm for P, so one model runs exactly
+# the ops it always did.
+
+def _mm(a, b, out):
+    """out = a @ b: torch.mm for matrices, torch.bmm for stacks of them."""
+    return torch.mm(a, b, out=out) if a.dim() == 2 else torch.bmm(a, b, out=out)
+
+
+def _addmm_(out, a, b):
+    """out += a @ b, in place (``addmm_`` / ``baddbmm_``)."""
+    return out.addmm_(a, b) if a.dim() == 2 else out.baddbmm_(a, b)
+
+
+def _peephole_rows(cell, peep):
+    """p_i, p_f, p_o (None where a gate or the peepholes are absent) and the i, f block p_if, shaped to
+    broadcast against one step's (B, H) (one model, peep (S, H)) or (P, B, H) (population, peep (P, S, H))."""
+    if peep is None:
+        return None, None, None, None
+    rows = peep.unsqueeze(-2).unbind(-3)        # each (1, H) or (P, 1, H)
+    p = dict(zip(cell.sigmoid_gates, rows))
+    K = ("i" in p) + ("f" in p)               # i and f lead the layout
+    p_if = peep[..., :K, :].unsqueeze(-3) if K else None  # (1, K, H) or (P, 1, K, H)
+    return p.get("i"), p.get("f"), p.get("o"), p_if
+
+
+def recurrence_forward(cell, acts, cs, hs, ys, project, peep, w_gg_t, a0, tanh_via_sigmoid=False):
+    """The forward walk over time of one LSTM-family layer, in place; one model or P stacked members.
+
+    ``cell`` gives the switches and sizes. Buffers, as sequences of per-step views of shape (B, .) for one
+    model, (P, B, .) for a population: ``acts`` (T steps of (B, G*H)) receives the gate activations in the
+    loop's layout [sigmoid gates (i, f, o order), g]; ``cs``, ``hs`` (T+1 steps of (B, H)) hold the initial cell
+    and hidden state at index 0 and receive c_t, h_t at t+1; ``ys`` (T steps) receives the cell output tanh(c_t)
+    (``cs[1:]`` itself without output activation). ``project(t, out)`` writes step t's pre-activations without
+    the FGR term into ``out`` = ``acts[t]``: the input projection of x_t plus h_{t-1} W_hh^T (h_{t-1} is
+    ``hs[t]``). ``peep`` (S, H), ``w_gg_t`` (S*H, S*H) (FGR's matrix, transposed), ``a0`` (B, S*H) (FGR's
+    activations before the first step), each with the member axis first for a population, or None.
+    ``tanh_via_sigmoid``: compute tanh as 2σ(2x) - 1 (the population trainer's choice on the CPU; one model
+    keeps torch.tanh).
+    """
+    H = cell.hidden_size
+    si, sf, sg, so = cell._slices()
+    SH = sg.start                                # the sigmoid gates come first
+    K = (si is not None) + (sf is not None)      # i and f, the gates before the cell update
+    KH = K * H
+    p_o, p_if = _peephole_rows(cell, peep)[2:]
+    prev_sig = a0                                # FGR: the sigmoid-gate activations of the step before
+    for t, a in enumerate(acts):
+        c_prev, c, y = cs[t], cs[t + 1], ys[t]
+        project(t, a)
+        if w_gg_t is not None:
+            _addmm_(a[..., :SH], prev_sig, w_gg_t)
+            prev_sig = a[..., :SH]
+        if KH:  # i and f lead the layout: one peephole op and one sigmoid for both
+            z_if = a[..., :KH]
+            if p_if is not None:
+                z_if.unflatten(-1, (K, H)).addcmul_(p_if, c_prev.unsqueeze(-2))
+            z_if.sigmoid_()
+        i = a[..., si] if si is not None else None
+        f = a[..., sf] if sf is not None else None
+        g = a[..., sg]
+        if cell.input_activation:
+            if tanh_via_sigmoid:
+                _tanh_via_sigmoid(g, out=g)
+            else:
+                g.tanh_()
+        if f is not None:
+            torch.mul(f, c_prev, out=c)
+        elif cell.coupled:                       # f = 1 - i
+            torch.addcmul(c_prev, i, c_prev, value=-1.0, out=c)
+        else:
+            c.copy_(c_prev)
+        if i is not None:
+            c.addcmul_(i, g)
+        else:
+            c.add_(g)
+        if cell.output_activation:
+            if tanh_via_sigmoid:
+                _tanh_via_sigmoid(c, out=y)
+            else:
+                torch.tanh(c, out=y)
+        if so is not None:
+            o = a[..., so]
+            if p_o is not None:
+                o.addcmul_(p_o, c)
+            o.sigmoid_()
+            torch.mul(o, y, out=hs[t + 1])
+        else:
+            hs[t + 1].copy_(y)
+
+
+def recurrence_backward(cell, acts, cs, ys, d_out, dZ, dh, dc, da, w_hh, peep, w_gg, peep_grads=None):
+    """The backward walk of :func:`recurrence_forward`, time reversed, over the same per-step views: fills
+    ``dZ`` (T steps, shaped as ``acts``'s) with the gradients of the gate pre-activations. ``dh``, ``dc`` (B, H)
+    and, with FGR, ``da`` (B, S*H) (member axis first for a population) hold the gradients w.r.t. the final state
+    on entry and w.r.t. the initial state on return. ``d_out`` (T steps): the gradient w.r.t. each step's h, or
+    None. ``w_hh`` (G*H, H) and ``w_gg`` (S*H, S*H) untransposed. ``peep_grads``: None, or accumulators
+    (g_i, g_f, g_o), each (B, H) or None, into which the walk adds dz_gate ⊙ (the cell the gate's peephole
+    sees) at every step (the population trainer's way to the peephole gradients; one model sums them after
+    the walk, :func:`recurrence_small_grads`)."""
+    H = cell.hidden_size
+    si, sf, sg, so = cell._slices()
+    SH = sg.start
+    KH = ((si is not None) + (sf is not None)) * H
+    p_i, p_f, p_o, _ = _peephole_rows(cell, peep)
+    for t in reversed(range(len(acts))):
+        if d_out is not None:
+            dh.add_(d_out[t])
+        a, dz, c_prev, y = acts[t], dZ[t], cs[t], ys[t]
+        i = a[..., si] if si is not None else None
+        f = a[..., sf] if sf is not None else None
+        g = a[..., sg]
+        if so is not None:
+            o, dzo = a[..., so], dz[..., so]
+            torch.mul(dh, y, out=dzo)
+            if da is not None:
+                dzo.add_(da[..., so])
+            _sigmoid_backward(dzo, o, out=dzo)
+            dy = dh * o
+        else:
+            dy = dh
+        if cell.output_activation:
+            dc.add_(_tanh_backward(dy, y, out=dy if so is not None else None))
+        else:
+            dc.add_(dy)
+        if p_o is not None:
+            dc.addcmul_(dzo, p_o)
+        dzg = dz[..., sg]
+        if i is not None:
+            torch.mul(dc, i, out=dzg)
+        else:
+            dzg.copy_(dc)
+        if cell.input_activation:
+            _tanh_backward(dzg, g, out=dzg)
+        if i is not None:
+            dzi = dz[..., si]
+            torch.mul(dc, g, out=dzi)
+            if cell.coupled:
+                dzi.addcmul_(dc, c_prev, value=-1.0)
+        if f is not None:
+            dzf = dz[..., sf]
+            torch.mul(dc, c_prev, out=dzf)
+        if KH:  # σ' for i and f together
+            dz_if = dz[..., :KH]
+            if da is not None:
+                dz_if.add_(da[..., :KH])
+            _sigmoid_backward(dz_if, a[..., :KH], out=dz_if)
+        if f is not None:
+            dc.mul_(f)                            # now dc is d loss / d c_{t-1}
+        elif cell.coupled:
+            dc.mul_(1.0 - i)
+        if peep_grads is not None:
+            g_i, g_f, g_o = peep_grads
+            if g_i is not None:
+                g_i.addcmul_(dzi, c_prev)
+            if g_f is not None:
+                g_f.addcmul_(dzf, c_prev)
+            if g_o is not None:
+                g_o.addcmul_(dzo, cs[t + 1])
+        if p_i is not None:
+            dc.addcmul_(dzi, p_i)
+        if p_f is not None:
+            dc.addcmul_(dzf, p_f)
+        _mm(dz, w_hh, out=dh)                     # d loss / d h_{t-1}, before adding d_out[t-1]
+        if da is not None:
+            _mm(dz[..., :SH], w_gg, out=da)
+
+
+def recurrence_small_grads(cell, dZ, cs, peephole, fgr):
+    """The gradients of the peepholes (S, H) and of FGR's matrix (S*H, S*H) (None where absent), member axis
+    first for a population, from :func:`recurrence_backward`'s dZ (T, B, G*H) and the cells ``cs`` (T+1, B, H)
+    ((P, T, ...), (P, T+1, ...) for a population). ``fgr``: None, or (prev, a0) with ``prev`` (T-1, B, S*H)
+    ((P, T-1, ...)) the sigmoid-gate activations of steps 0 .. T-2 and ``a0`` those before step 0."""
+    si, sf, sg, so = cell._slices()
+    SH = sg.start
+    pop = dZ.dim() == 4
+    steps = (1, 2) if pop else (0, 1)           # the time and batch axes
+    d_peep = d_w_gg = None
+    if peephole:
+        c_before, c_after = (cs[:, :-1], cs[:, 1:]) if pop else (cs[:-1], cs[1:])
+        rows = []
+        for gate, sl in (("i", si), ("f", sf), ("o", so)):
+            if sl is not None:
+                cell_seen = c_after if gate == "o" else c_before  # o peeks at c_t, i and f at c_{t-1}
+                rows.append((dZ[..., sl] * cell_seen).sum(steps))
+        d_peep = torch.stack(rows, -2)
+    if fgr is not None:  # step t's gates hear step t-1's activations; step 0's hear a0
+        prev, a0 = fgr
+        z0, z_rest = (dZ[:, 0], dZ[:, 1:]) if pop else (dZ[0], dZ[1:])
+        d_w_gg_t = a0.transpose(-1, -2) @ z0[..., :SH]
+        flat = (lambda u: u.reshape(u.shape[0], -1, SH)) if pop else (lambda u: u.reshape(-1, SH))
+        _addmm_(d_w_gg_t, flat(prev).transpose(-1, -2), flat(z_rest[..., :SH]))
+        d_w_gg = d_w_gg_t.transpose(-1, -2)
+    return d_peep, d_w_gg
 
 
 def flatten_native(module, mode):
@@ -372,6 +476,11 @@ def flatten_native(module, mode):
 def _sigmoid_backward(grad, s, out):
     """grad ⊙ s ⊙ (1 - s) in one pass (ATen's fused derivative of σ, given its output s); out may alias grad."""
     return torch.ops.aten.sigmoid_backward.grad_input(grad, s, grad_input=out)
+
+
+def _tanh_via_sigmoid(x, out):
+    """tanh(x) = 2 σ(2x) - 1, into out (may be x): on the CPU torch's σ ran 3.6x faster than its tanh (measured)."""
+    return torch.mul(x, 2, out=out).sigmoid_().mul_(2).sub_(1)
 
 
 def _tanh_backward(grad, y, out=None):
