@@ -26,7 +26,7 @@ quickstart: $(STAMP)
 	@echo "Dashboard: $(BIN)/rnnbench dashboard --root $(ROOT)   (then open http://127.0.0.1:5000)"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=15
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,7 +1,8 @@
 """The launcher (`rnnbench run`): prepares a study, keeps its queue full, supervises workers.
 
-* It alone creates trials: :func:`top_up` enqueues one WAITING trial for every free slot of a cell
-  (see ``studies.queue``), and once a cell's search has ended, its best trial's replicate runs.
+* It creates trials: :func:`top_up` enqueues one WAITING trial for every free slot of a cell (see
+  ``studies.queue``), and once a cell's search has ended, its best trial's replicate runs. Workers started
+  without a launcher top up too, taking turns with it.
 * It reaps trials whose worker is gone (:func:`reap`): a dead local process, a trial claimed but
   never recorded, a remote worker silent for ``--stale-after`` seconds. Their slots are enqueued again.
 * It starts ``--workers`` worker processes, restarts one that dies, and stops them on Ctrl-C or
@@ -56,27 +57,38 @@ def grid_point(spec: Spec, cell: Cell, slot: int) -> dict:
     return points[slot]
 
 
+def free(spec: Spec, row: queue.CellProgress) -> tuple[list[int], list[int]]:
+    """A cell's free search slots, and, once its search has ended, its best trial's free replicate slots."""
+    if row.stopped is not None:
+        return [], []
+    search = queue.free_slots(row.search_trials, spec.trials)
+    if not row.search_done or row.best is None:
+        return search, []
+    return search, queue.free_slots(row.replicate_trials, spec.replicates, row.best.number)
+
+
 def top_up(spec: Spec, storage, rows: list[queue.CellProgress] | None = None) -> None:
-    """Enqueue a trial for every free search slot of each cell, and, once a cell's search has ended,
-    for every free replicate slot of its best trial. ``rows``: this moment's progress, if known."""
-    for row in rows if rows is not None else queue.progress(spec, storage):
-        cell = row.cell
-        if row.stopped is not None:
-            continue
-        free = queue.free_slots(row.search_trials, spec.trials)
-        if free:
-            search = queue.open_study(storage, queue.optuna_name(spec, cell, "search"))
-            for slot in free:
-                queue.enqueue(search, slot, grid_point(spec, cell, slot) if spec.sampler == "grid" else None)
-                crash_point("launcher.enqueued_search")
-        if not row.search_done or row.best is None:
-            continue
-        free = queue.free_slots(row.replicate_trials, spec.replicates, row.best.number)
-        if free:
-            replicate = queue.open_study(storage, queue.optuna_name(spec, cell, "replicate"))
-            for slot in free:
-                queue.enqueue(replicate, slot, row.best.params, source_trial=row.best.number)
-                crash_point("launcher.enqueued_replicate")
+    """Enqueue a trial for every free slot (:func:`free`). ``rows``: this moment's progress, if known. The
+    launcher and launcher-less workers may top up at once: they take turns (``queue.exclusive``), each reading
+    the cells it would fill afresh under the lock, so none fills a slot another has just filled."""
+    rows = queue.progress(spec, storage) if rows is None else rows
+    wanting = [row.cell for row in rows if any(free(spec, row))]
+    if not wanting:
+        return
+    with queue.exclusive(storage, f"rnnbench top-up {spec.name}"):
+        for row in queue.progress(spec, storage, wanting):
+            cell = row.cell
+            search_slots, replicate_slots = free(spec, row)
+            if search_slots:
+                search = queue.open_study(storage, queue.optuna_name(spec, cell, "search"))
+                for slot in search_slots:
+                    queue.enqueue(search, slot, grid_point(spec, cell, slot) if spec.sampler == "grid" else None)
+                    crash_point("launcher.enqueued_search")
+            if replicate_slots:
+                replicate = queue.open_study(storage, queue.optuna_name(spec, cell, "replicate"))
+                for slot in replicate_slots:
+                    queue.enqueue(replicate, slot, row.best.params, source_trial=row.best.number)
+                    crash_point("launcher.enqueued_replicate")
 
 
 def stop_failing(spec: Spec, storage, rows: list[queue.CellProgress]) -> list[queue.CellProgress]:

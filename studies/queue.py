@@ -12,16 +12,19 @@ never from the trial number, so a trial that replaces an interrupted one is the 
 
 States and transitions (Optuna's trial states; user attributes in brackets)::
 
-    enqueue      (launcher)      -> WAITING  [slot, source_trial]
+    enqueue      (a top-up)      -> WAITING  [slot, source_trial]
     claim        (a worker)         WAITING -> RUNNING      atomic: exactly one claimer wins
     record       (that worker)      RUNNING  [worker = host:pid, heartbeat]
     beat         (that worker)      RUNNING  [heartbeat]    at every evaluation
     end          (that worker)      RUNNING -> COMPLETE | PRUNED | FAIL [error]      counted
     interrupt    (reaper/worker)    RUNNING -> FAIL [interrupted = reason]           not counted
 
-A slot is *held* by a counted trial or by a WAITING or RUNNING one; the launcher enqueues a trial for
-every slot nobody holds (:func:`free_slots`), so an interrupted trial's slot is filled again and each
-cell ends with exactly ``trials`` counted search trials and ``replicates`` replicate runs per source.
+A slot is *held* by a counted trial or by a WAITING or RUNNING one; a top-up (the launcher's, or a
+launcher-less worker's: ``studies.launcher.top_up``) enqueues a trial for every slot nobody holds
+(:func:`free_slots`), so an interrupted trial's slot is filled again and each cell ends with exactly
+``trials`` counted search trials and ``replicates`` replicate runs per source. Top-ups take turns
+(:func:`exclusive`) and read the cells afresh under the lock; a copy that slips through anyway (a retried
+enqueue whose first attempt reached the database) is closed by :func:`claim`, never run.
 
 Interrupting writes the ``interrupted`` attribute first and then sets FAIL; a trial that ends
 COMPLETE or PRUNED in between (its worker was faster than the reaper) stays counted, because only a
@@ -40,11 +43,13 @@ only be claimed once every slot below ``g * (s // g)`` has ended (``g`` = the st
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import re
 import warnings
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import optuna
@@ -94,6 +99,25 @@ def free_slots(trials: list[FrozenTrial], n: int, source_trial: int | None = Non
 
 def trial_id(t: FrozenTrial) -> int:
     return t._trial_id
+
+
+@contextmanager
+def exclusive(storage, name: str) -> Iterator[None]:
+    """Hold the lock ``name`` for the block against every process sharing ``storage``: a PostgreSQL advisory
+    lock (``studies.store.OutageTolerantRDBStorage.exclusive``), or a file lock beside the embedded journal.
+    Other storages: no lock (then two top-ups at once may enqueue a slot twice, and :func:`claim` closes the
+    copy)."""
+    if hasattr(storage, "exclusive"):
+        with storage.exclusive(name):
+            yield
+        return
+    journal = getattr(getattr(storage, "_backend", None), "_file_path", None)
+    if journal is None:
+        yield
+        return
+    with open(f"{journal}.top-up.lock", "a") as f:  # one lock per journal; not ".lock*" (repair_journal's)
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,9 +346,10 @@ class CellProgress:
         return set(range(self.replicates)) <= ended_slots(self.replicate_trials, self.best.number)
 
 
-def progress(spec: Spec, storage) -> list[CellProgress]:
+def progress(spec: Spec, storage, of: list[Cell] | None = None) -> list[CellProgress]:
+    """Each cell's trials as the storage has them now (``of``: only these cells)."""
     rows = []
-    for cell in cells(spec):
+    for cell in cells(spec) if of is None else of:
         trials, attrs = {}, {}
         for kind in KINDS:
             try:

@@ -3,6 +3,7 @@
 Embedded default, under ``--root`` (``./runs``):
 
     runs/optuna.journal    Optuna JournalStorage (file backend): safe for several local processes
+    runs/optuna.journal.top-up.lock   taken by whoever enqueues trials (studies.queue.exclusive)
     runs/mlflow.db         MLflow tracking store (SQLite), artifacts in runs/artifacts/
     runs/reports/<study>/  reports
     runs/logs/             worker logs
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import importlib.util
 import inspect
 import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +117,34 @@ class OutageTolerantRDBStorage(optuna.storages.RDBStorage):
     def __init__(self, url: str, **kwargs):
         self.url_for_humans = url.split("@")[-1] if "@" in url else url  # no password in messages
         _riding_outages(optuna.storages.RDBStorage.__init__)(self, url, **kwargs)
+
+    @contextmanager
+    def exclusive(self, name: str):
+        """Hold the lock ``name`` for the block against every process using this database: a PostgreSQL
+        transaction-level advisory lock, released when the block's connection closes, or by the server if this
+        process dies or loses the connection. Other databases: no lock."""
+        if self.engine.dialect.name != "postgresql":
+            yield
+            return
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        conn = self._locked(key)
+        try:
+            yield
+        finally:
+            try:
+                conn.close()  # rolls back: the lock goes with the transaction
+            except sqlalchemy.exc.SQLAlchemyError:
+                pass  # the connection is gone, and the lock with it
+
+    @_riding_outages
+    def _locked(self, key: int):
+        conn = self.engine.connect()
+        try:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
 
 # Every method that opens a session of its own, private ones included: Optuna's _CachedStorage (which

@@ -30,6 +30,7 @@ from studies.store import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from pgcluster import Postgres, pg_bindir  # noqa: E402
+from test_queue import two_top_ups_at_once  # noqa: E402
 
 pytestmark = pytest.mark.postgres
 
@@ -126,6 +127,15 @@ def start(args, log: Path, cwd: Path) -> subprocess.Popen:
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     finally:
         out.close()
+
+
+def test_two_top_ups_at_once_take_turns_on_a_postgresql_advisory_lock(postgres, tmp_path, monkeypatch):
+    """A launcher and a launcher-less worker topping up at once (what left a duplicate trial, closed as
+    interrupted, in the study below): each slot is enqueued once."""
+    postgres.create_database("topup")
+    url = postgres.url("topup")
+    slots = two_top_ups_at_once(tmp_path, lambda: Store(tmp_path / "store", url).optuna_storage(), monkeypatch)
+    assert len(slots) == 4 and all(s == [0, 1] for s in slots.values()), slots
 
 
 OUTAGE = 30  # seconds the database is down mid-study

@@ -1,15 +1,17 @@
 """The trial protocol (studies/queue.py): what it relies on in Optuna, and its rules, on an in-memory storage."""
 
 import inspect
-
 import math
+import threading
+import time
 
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from studies import queue, spec as specs, worker
+from conftest import TINY
+from studies import launcher, queue, spec as specs, worker
 
 
 def fresh(n_waiting=0, name="s"):
@@ -195,6 +197,42 @@ def test_claim_takes_lowest_slot_first_and_honours_generations():
     assert queue.slot(c) == 1
     finish(study, c, 2.0)
     assert queue.slot(queue.claim(study, ready)) == 2
+
+
+def two_top_ups_at_once(tmp_path, make_storage, monkeypatch) -> dict[str, list[int]]:
+    """A launcher and a launcher-less worker (two storage handles, as two processes have) top up a fresh
+    study from the same reading, the second starting while the first is enqueueing. Returns each cell's
+    search trials' slots."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.replace("seq_len: [8, 12]", "seq_len: 8"))
+    spec, _, _ = specs.load(path)
+    first, second = make_storage(), make_storage()
+    queue.prepare_studies(spec, first)
+    rows = queue.progress(spec, first)  # both read every slot free
+    enqueueing, real_enqueue = threading.Event(), queue.enqueue
+
+    def slow_enqueue(*args, **kwargs):
+        enqueueing.set()
+        time.sleep(0.2)
+        return real_enqueue(*args, **kwargs)
+    monkeypatch.setattr(queue, "enqueue", slow_enqueue)
+    launcher_top_up = threading.Thread(target=launcher.top_up, args=(spec, first, rows))
+    launcher_top_up.start()
+    assert enqueueing.wait(10)
+    launcher.top_up(spec, second, rows)
+    launcher_top_up.join()
+    return {row.cell.key: sorted(queue.slot(t) for t in row.search_trials) for row in queue.progress(spec, first)}
+
+
+def test_two_top_ups_at_once_fill_each_slot_once(tmp_path, monkeypatch):
+    """They take turns on a lock beside the journal, and the second reads the cells afresh under it (before:
+    each slot enqueued twice, the copies closed as interrupted by ``claim``)."""
+    journal = str(tmp_path / "optuna.journal")
+
+    def storage():
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
+    slots = two_top_ups_at_once(tmp_path, storage, monkeypatch)
+    assert len(slots) == 4 and all(s == [0, 1] for s in slots.values()), slots
 
 
 def test_a_duplicate_slot_is_closed_not_run():
