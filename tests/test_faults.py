@@ -170,7 +170,7 @@ def scenario(name, tmp_path, mlflow_template, reference):
     if name == "launcher-alone":
         assert first.returncode == 137
         store = Store(root)
-        fd = store.lock(wait_for_orphans=30)  # the workers died with their launcher and freed the root
+        fd = store.lock(wait_for_orphans=60)  # the workers died with their launcher and freed the root
         os.close(fd)
     started = time.monotonic()
     second = run(spec_path, root)
