@@ -50,6 +50,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
+from statistics import median
 from typing import Any, Callable
 
 import torch
@@ -630,9 +631,7 @@ def _evaluate(task: Task, pop: PopulationModel, batch: Batch) -> list[dict[str, 
 
 # --- timing: the measurements population_pays is drawn from (benchmarks/population.py, `rnnbench bench --population`)
 
-BENCH_FAMILIES = {"lstm": ("lstm", {}), "peephole": ("peephole", {}), "cifg": ("cifg", {}), "nig": ("nig", {}),
-                  "nfg": ("nfg", {}), "nog": ("nog", {}), "niaf": ("niaf", {}), "noaf": ("noaf", {}),
-                  "fgr": ("fgr", {}), "gru": ("gru", {}), "gru_cho": ("gru_cho", {}), "rnn": ("rnn", {})}
+BENCH_FAMILIES = ("lstm", "peephole", "cifg", "nig", "nfg", "nog", "niaf", "noaf", "fgr", "gru", "gru_cho", "rnn")
 # greff is peephole's equations under another name; cifg/nig/.../fgr are Greff et al.'s LSTM-family ablations.
 DEFAULT_BENCH_FAMILIES = ("lstm", "peephole", "fgr", "gru", "gru_cho", "rnn")
 
@@ -664,9 +663,8 @@ def benchmark_population(families: list[str] | None = None, hidden_sizes=(32, 64
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for family in families or DEFAULT_BENCH_FAMILIES:
-        variant, switches = BENCH_FAMILIES[family]
         for hidden in hidden_sizes:
-            spec = PopulationSpec(variant, switches, hidden_size=hidden)
+            spec = PopulationSpec(family, {}, hidden_size=hidden)
             runners = {0: _sequential_step(task, spec, batch, device)}
             runners.update({p: _population_step(task, spec, p, batch, device) for p in sizes})
             times = {k: [] for k in runners}
@@ -680,16 +678,10 @@ def benchmark_population(families: list[str] | None = None, hidden_sizes=(32, 64
                         times[k].append(now() - t0)
             for p in sizes:
                 ratios = sorted(p * s / q for s, q in zip(times[0], times[p]))
-                rows.append(dict(family=family, hidden=hidden, members=p, seq_ms=_median(times[0]) * 1e3,
-                                 pop_ms=_median(times[p]) * 1e3, speedup=_median(ratios), speedup_lo=ratios[0],
+                rows.append(dict(family=family, hidden=hidden, members=p, seq_ms=median(times[0]) * 1e3,
+                                 pop_ms=median(times[p]) * 1e3, speedup=median(ratios), speedup_lo=ratios[0],
                                  speedup_hi=ratios[-1], clock=clock))
     return rows
-
-
-def _median(values):
-    v = sorted(values)
-    n = len(v)
-    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
 
 
 def _sequential_step(task, spec, batch, device):
@@ -725,12 +717,11 @@ def _population_step(task, spec, size, batch, device):
 
 def format_population_table(rows: list[dict]) -> str:
     """A markdown table of :func:`benchmark_population`'s rows."""
-    clock = rows[0].get("clock", "wall") if rows else "wall"
+    clock = rows[0]["clock"] if rows else "wall"
     lines = [f"| family | hidden | members | one model ms/step ({clock}) | population ms/step | "
              "speed-up (models/s), median (range over rounds) |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        spread = f" ({r['speedup_lo']:.2f}-{r['speedup_hi']:.2f})" if "speedup_lo" in r else ""
         lines.append(f"| {r['family']} | {r['hidden']} | {r['members']} | {r['seq_ms']:.1f} | {r['pop_ms']:.1f} | "
-                     f"{r['speedup']:.2f}x{spread} |")
+                     f"{r['speedup']:.2f}x ({r['speedup_lo']:.2f}-{r['speedup_hi']:.2f}) |")
     return "\n".join(lines)
