@@ -3,10 +3,11 @@
     python benchmarks/population.py                                   # CPU, 1 thread: B=64, T=100, H 32/64/128
     python benchmarks/population.py --families lstm-family --sizes 8 16 --repeats 5
     python benchmarks/population.py --device cuda --hidden 128 --sizes 1 16 32
+    python benchmarks/population.py --families depth_gated clockwork --sizes 8 16
     rnnbench bench --population                                       # the default families, from the command line
 
 Per family (lstm: native kernel; peephole and Greff's ablations cifg ... fgr: the custom LSTM loop; gru: native;
-gru_cho: custom loop; rnn: native) and hidden size: ms per training step (forward, backward, clipping, Adam) of
+gru_cho: custom loop; rnn: native; depth_gated, clockwork: their hand-written walks) and hidden size: ms per training step (forward, backward, clipping, Adam) of
 one model and of a population of P models, and the speed-up in models trained per second, the median over
 rounds with its range (each round times one step of every runner, round-robin). On the CPU with one thread the
 clock is the process's CPU time (robust on a shared machine; ``--clock wall`` for wall time). ``population_pays``

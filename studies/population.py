@@ -24,11 +24,14 @@ the device and checked at each evaluation, like ``train``); a member whose ``on_
 
 Equations as in the variants' docstrings: ``variants/lstm.py`` (every LSTM-family switch: Hochreiter &
 Schmidhuber 1997, Gers et al. 2000, Greff et al. 2017), ``variants/gru.py`` (Cho et al. 2014, both reset
-conventions), ``variants/elman.py`` (Elman 1990; tanh or relu). The LSTM family runs the sequential model's own
-walk over time with hand-written backpropagation (``variants.lstm.recurrence_forward``/``_backward``) with a
-member axis (:class:`_LSTMRecurrence`); GRU and Elman are a plain loop over time in autograd (one ``baddbmm`` and
-a few elementwise ops per step). Other variants (depth_gated, clockwork) are not supported:
-:func:`supports_population` says so and callers run them one after another. On the CPU, :func:`train_population`
+conventions), ``variants/elman.py`` (Elman 1990; tanh or relu), ``variants/depth_gated.py`` (Yao et al. 2015),
+``variants/clockwork.py`` (Koutník et al. 2014). The LSTM family runs the sequential model's own walk over time with
+hand-written backpropagation (``variants.lstm.recurrence_forward``/``_backward``) with a member axis
+(:class:`_LSTMRecurrence`); so do depth_gated and clockwork (their modules' ``_Recurrence``, which take a leading
+member axis: batched matmuls, the same elementwise ops; clockwork updates only the modules due at each step, as
+one model does); GRU and Elman are a plain loop over time in autograd (one ``baddbmm`` and a few elementwise ops
+per step). Every registered variant has a population form (:func:`supports_population`: not with dropout between
+layers). On the CPU, :func:`train_population`
 makes malloc keep freed memory (:func:`keep_freed_memory`): a population's per-step buffers are otherwise page
 faulted in afresh at every step.
 
@@ -61,6 +64,10 @@ from torch.autograd.function import once_differentiable
 from studies.training import Divergence, SequenceModel, TrainConfig, TrainResult, batch_to, resolve_device
 from tasks import Batch, Task
 from variants import build_variant
+from variants.clockwork import ClockworkRNN, _schedule
+from variants.clockwork import _Recurrence as _ClockworkRecurrence
+from variants.depth_gated import DepthGatedLSTM, layer_weights
+from variants.depth_gated import _Recurrence as _DepthGatedRecurrence
 from variants.elman import ElmanRNN
 from variants.gru import GRU
 from variants.lstm import LSTM, recurrence_backward, recurrence_forward, recurrence_small_grads
@@ -102,6 +109,24 @@ def _family(rnn: nn.Module) -> str | None:
         return "gru_cho" if not rnn.reset_after else "gru"
     if isinstance(rnn, ElmanRNN):
         return "rnn"
+    if isinstance(rnn, DepthGatedLSTM):
+        return "depth_gated"
+    if isinstance(rnn, ClockworkRNN):
+        return "clockwork"
+    return None
+
+
+def _meta_rnn(variant: str, switches: dict[str, Any] | None, num_layers: int = 1) -> nn.Module | None:
+    """The variant built on the meta device (no memory) at a width it accepts (clockwork: a multiple of its
+    modules), or None where its switches are refused."""
+    for hidden in range(4, 257, 4):
+        try:
+            with torch.device("meta"):
+                return build_variant(variant, 1, hidden, num_layers, 0.0, **(switches or {}))
+        except ValueError:
+            continue
+        except TypeError:
+            return None
     return None
 
 
@@ -109,16 +134,13 @@ def supports_population(variant: str, switches: dict[str, Any] | None = None, nu
                         dropout: float = 0.0) -> bool:
     """Whether :func:`train_population` can train this configuration; if not, run the members one by one.
 
-    Supported: the LSTM family (every switch), GRU (both conventions), Elman RNN. Not with dropout between
-    layers: sequential runs draw their dropout masks from the global RNG, which a population cannot replay."""
+    Supported: the LSTM family (every switch), GRU (both conventions), Elman RNN, depth-gated LSTM, clockwork
+    RNN. Not with dropout between layers: sequential runs draw their dropout masks from the global RNG, which a
+    population cannot replay."""
     if num_layers > 1 and dropout > 0:
         return False
-    try:
-        with torch.device("meta"):
-            rnn = build_variant(variant, 1, 4, num_layers, 0.0, **(switches or {}))
-    except (ValueError, TypeError):
-        return False
-    return _family(rnn) is not None
+    rnn = _meta_rnn(variant, switches, num_layers)
+    return rnn is not None and _family(rnn) is not None
 
 
 def population_pays(variant: str, switches: dict[str, Any] | None, hidden_size: int,
@@ -140,6 +162,10 @@ def population_pays(variant: str, switches: dict[str, Any] | None, hidden_size: 
       not measured at 128).
     * ``lstm``/``np`` (the fused nn.LSTM kernel alone, against the population's loop): 1.15-1.3x at hidden 32,
       0.9-1.1x at 64-128: never paid (too thin to be sure of).
+    * depth_gated (its hand-written walk, one model against P; two runs of 3 rounds, P = 8-16): hidden 32
+      1.6-2.3x (1.3), 64 1.2-1.4x (0.91), 128 1.0-1.2x (0.83). Paid at hidden <= 32 (64 is as thin as fgr's 128).
+    * clockwork (default 4 modules; only the modules due at a step are computed, in both): hidden 32 2.6-3.3x
+      (1.8), 64 2.1-2.4x (2.0), 128 1.3-1.8x (1.26). Paid at hidden <= 128.
 
     The population's edge at these sizes is per-op overhead shared by P members; the matmuls and transcendental
     functions cost the same per member (so the edge shrinks as hidden grows, and with FGR). On CUDA a small
@@ -149,12 +175,15 @@ def population_pays(variant: str, switches: dict[str, Any] | None, hidden_size: 
         return False
     if torch.device(device).type == "cuda":
         return True
-    with torch.device("meta"):
-        rnn = build_variant(variant, 1, 4, **(switches or {}))
+    rnn = _meta_rnn(variant, switches)
     if isinstance(rnn, LSTM):
         if rnn.native:
             return False
         return hidden_size <= (64 if rnn.full_gate_recurrence else 128)
+    if isinstance(rnn, DepthGatedLSTM):
+        return hidden_size <= 32
+    if isinstance(rnn, ClockworkRNN):
+        return hidden_size <= 128
     return hidden_size <= 64
 
 
@@ -180,8 +209,9 @@ class PopulationModel(nn.Module):
         if self.family is None:
             raise ValueError(f"no population form for {type(template.rnn).__name__}; see supports_population")
         self._template = [copy.deepcopy(template)]  # in a list: not a submodule, its parameters are not ours
-        if self.family == "lstm":  # the loop's gate layout [sigmoid gates, g], as in variants/lstm.py
-            self.register_buffer("_rows", self.cell._loop_rows.clone(), persistent=False)
+        rows = {"lstm": "_loop_rows", "depth_gated": "_rows"}.get(self.family)  # the walks' gate layouts
+        if rows:
+            self.register_buffer("_rows", getattr(self.cell, rows).clone(), persistent=False)
         self.names = [name for name, _ in template.named_parameters()]
         for name in self.names:
             stacked = torch.stack([dict(m.named_parameters())[name].detach() for m in models])
@@ -197,6 +227,10 @@ class PopulationModel(nn.Module):
     def w(self, name: str) -> torch.Tensor:
         """The stacked parameter named as in ``SequenceModel`` (``"rnn.weight_ih_l0"``)."""
         return getattr(self, name.replace(".", "_"))
+
+    def rnn_w(self, name: str) -> torch.Tensor:
+        """The stacked parameter named as in the variant (``"weight_ih_l0"``)."""
+        return self.w("rnn." + name)
 
     @property
     def size(self) -> int:
@@ -220,16 +254,34 @@ class PopulationModel(nn.Module):
             members = torch.arange(P, device=x.device).view(P, 1, 1)
             x = self.w("embed.weight")[members, x]
         x = x.transpose(1, 2)  # (P, T, B, in) inside: each member's steps, each step's batch contiguous
-        for k in range(self.cell.num_layers):
-            x = self._layer(k, x)  # (P, T, B, H)
+        if self.family == "depth_gated":
+            x = self._depth_gated(x)
+        else:
+            for k in range(self.cell.num_layers):
+                x = self._layer(k, x)  # (P, T, B, H)
         _, T, B, H = x.shape
         out = torch.baddbmm(self.w("head.bias").unsqueeze(1), x.reshape(P, T * B, H), _t(self.w("head.weight")))
         return out.view(P, T, B, -1).transpose(1, 2)
 
+    def _depth_gated(self, x: torch.Tensor) -> torch.Tensor:
+        """The depth-gated stack over x (P, T, B, in), returning (P, T, B, H): variants/depth_gated.py's walk
+        with a member axis; each layer gets the cells of the layer below, the lowest the projection W_proj x."""
+        P, T, B, n_in = x.shape
+        lower = torch.bmm(x.reshape(P, T * B, n_in), _t(self.w("rnn.weight_proj"))).view(P, T, B, -1)
+        h0 = lower.new_zeros(P, B, lower.shape[-1])
+        for k in range(self.cell.num_layers):
+            x, lower, _, _ = _DepthGatedRecurrence.apply(x, lower, h0, h0,
+                                                         *layer_weights(self.cell, k, self.rnn_w, self._rows))
+        return x
+
     def _layer(self, k: int, x: torch.Tensor) -> torch.Tensor:
         """Layer k over x (P, T, B, in), returning (P, T, B, H)."""
         P, T, B, _ = x.shape
-        w_ih, w_hh = self.w(f"rnn.weight_ih_l{k}"), self.w(f"rnn.weight_hh_l{k}")
+        w_ih = self.w(f"rnn.weight_ih_l{k}")
+        if self.family == "clockwork":  # (P, H, H), block upper-triangular
+            w_hh = self.cell.recurrent_matrix(k, self.rnn_w)
+        else:
+            w_hh = self.w(f"rnn.weight_hh_l{k}")
         b_ih, b_hh = self.w(f"rnn.bias_ih_l{k}"), self.w(f"rnn.bias_hh_l{k}")
         H = w_hh.shape[-1]
         h = x.new_zeros(P, B, H)
@@ -248,6 +300,10 @@ class PopulationModel(nn.Module):
             w = _t(torch.cat([b.unsqueeze(2), w_ih, w_hh], 2))
             return _LSTMRecurrence.apply(cell, x, w, peep, w_gg)
         xp = torch.baddbmm(b.unsqueeze(1), x.reshape(P, T * B, -1), _t(w_ih)).view(P, T, B, -1)
+        if self.family == "clockwork":  # variants/clockwork.py's walk: at step t only the modules due update
+            cell = self.cell
+            plan = _schedule(cell.periods, cell.module_size, T, 0)
+            return _ClockworkRecurrence.apply(plan, cell.module_size, xp, h, w_hh)[0]
         steps = xp.unbind(1)
         if self.family == "lstm":
             return self._lstm(k, steps, h, _t(w_hh))
@@ -631,7 +687,8 @@ def _evaluate(task: Task, pop: PopulationModel, batch: Batch) -> list[dict[str, 
 
 # --- timing: the measurements population_pays is drawn from (benchmarks/population.py, `rnnbench bench --population`)
 
-BENCH_FAMILIES = ("lstm", "peephole", "cifg", "nig", "nfg", "nog", "niaf", "noaf", "fgr", "gru", "gru_cho", "rnn")
+BENCH_FAMILIES = ("lstm", "peephole", "cifg", "nig", "nfg", "nog", "niaf", "noaf", "fgr", "gru", "gru_cho", "rnn",
+                  "depth_gated", "clockwork")
 # greff is peephole's equations under another name; cifg/nig/.../fgr are Greff et al.'s LSTM-family ablations.
 DEFAULT_BENCH_FAMILIES = ("lstm", "peephole", "fgr", "gru", "gru_cho", "rnn")
 

@@ -37,11 +37,21 @@ CASES = [
     ("copy_memory", "gru_cho", {}, 2),
     ("adding", "rnn", {}, 1),
     ("copy_memory", "rnn", {"nonlinearity": "relu"}, 1),
+    ("adding", "depth_gated", {}, 1),
+    ("copy_memory", "depth_gated", {"forget_bias": 1.0}, 2),
+    ("adding", "clockwork", {}, 1),
+    ("copy_memory", "clockwork", {"modules": 2}, 2),
+    ("adding", "clockwork", {"periods": [1, 3, 4, 6]}, 1),  # t=4, 6: an idle module inside the active prefix
 ]
 SETTINGS = {"adding": {"seq_len": 9}, "copy_memory": {"seq_len": 4, "n_copy": 2}}
 # Learning rates and clips that differ: the clip of member 0 binds, member 2 is not clipped at all.
 MEMBERS = [Member(seed=3, lr=1e-2, grad_clip=0.05), Member(seed=7, lr=3e-3, grad_clip=1.0, weight_decay=1e-2),
            Member(seed=11, lr=2e-2, grad_clip=None)]
+
+
+def width(variant):
+    """The hidden size the tests use: clockwork's must be a multiple of its (default 4) modules."""
+    return 8 if variant == "clockwork" else 6
 
 
 def sequential(task, spec, member, cfg, eval_batch, device="cpu"):
@@ -70,7 +80,7 @@ def assert_same_runs(task, spec, cfg, members, device="cpu", rtol=1e-4, atol=1e-
 @pytest.mark.parametrize("task_name, variant, switches, layers", CASES)
 def test_population_equals_sequential_runs(task_name, variant, switches, layers, steps):
     task = build_task(task_name, **SETTINGS[task_name])
-    spec = PopulationSpec(variant, switches, hidden_size=6, num_layers=layers)
+    spec = PopulationSpec(variant, switches, hidden_size=width(variant), num_layers=layers)
     assert supports_population(variant, switches, layers)
     assert_same_runs(task, spec, TrainConfig(steps=steps, eval_every=10, batch_size=5), MEMBERS)
 
@@ -90,18 +100,20 @@ def test_variable_length_batches_are_padded_per_member():
                      MEMBERS[:2])
 
 
-def test_a_diverging_member_fails_alone():
+@pytest.mark.parametrize("variant", ["peephole", "depth_gated", "clockwork"])
+def test_a_diverging_member_fails_alone(variant):
     task = build_task("adding", seq_len=9)
+    spec = PopulationSpec(variant, hidden_size=width(variant))
     members = [Member(seed=1, lr=1e-2), Member(seed=2, lr=1e30, grad_clip=None), Member(seed=3, lr=1e-2)]
     cfg = TrainConfig(steps=20, eval_every=10, batch_size=5)
-    results = train_population(task, PopulationSpec("peephole", hidden_size=6), members, cfg, task.eval_batch(16, 0))
+    results = train_population(task, spec, members, cfg, task.eval_batch(16, 0))
     bad = results[1]
     assert isinstance(bad.error, Divergence) and bad.steps == 10 and bad.history == []
     assert "at step 2" in str(bad.error)
     for r in (results[0], results[2]):
         assert r.error is None and r.steps == 20 and math.isfinite(r.metrics["loss"])
     # the survivors are unaffected: they equal their sequential runs
-    assert_same_runs(task, PopulationSpec("peephole", hidden_size=6), cfg, [members[0], members[2]])
+    assert_same_runs(task, spec, cfg, [members[0], members[2]])
 
 
 def test_a_pruned_member_leaves_and_the_others_go_on():
@@ -146,12 +158,13 @@ def test_member_model_gives_each_member_back():
 
 def test_unsupported_configurations_are_reported():
     assert supports_population("peephole", {"coupled": True})
-    assert not supports_population("clockwork")
-    assert not supports_population("depth_gated")
+    assert supports_population("clockwork") and supports_population("depth_gated", {}, num_layers=2)
+    assert supports_population("clockwork", {"modules": 3}) and supports_population("clockwork", {"periods": [1, 3]})
+    assert not supports_population("clockwork", {"modules": 0}) and not supports_population("lstm", {"modules": 2})
     assert not supports_population("lstm", {}, num_layers=2, dropout=0.1)  # dropout masks come from the global RNG
     with pytest.raises(ValueError, match="no population form"):
-        train_population(build_task("adding", seq_len=5), PopulationSpec("clockwork", hidden_size=8), [Member(0)],
-                         TrainConfig(steps=1), build_task("adding", seq_len=5).eval_batch(4, 0))
+        train_population(build_task("adding", seq_len=5), PopulationSpec("depth_gated", num_layers=2, dropout=0.1),
+                         [Member(0)], TrainConfig(steps=1), build_task("adding", seq_len=5).eval_batch(4, 0))
 
 
 def test_population_pays_rule():
@@ -162,14 +175,17 @@ def test_population_pays_rule():
     assert population_pays("fgr", {}, 64, "cpu") and not population_pays("fgr", {}, 128, "cpu")
     assert not population_pays("lstm", {}, 32, "cpu")  # the fused kernel
     assert population_pays("lstm", {}, 128, "cuda")
-    assert not population_pays("clockwork", {}, 32, "cuda")
+    assert population_pays("depth_gated", {}, 32, "cpu") and not population_pays("depth_gated", {}, 64, "cpu")
+    assert population_pays("clockwork", {"modules": 3}, 126, "cpu") and not population_pays("clockwork", {}, 256, "cpu")
+    assert population_pays("clockwork", {}, 32, "cuda")
 
 
-@pytest.mark.parametrize("variant, layers", [("peephole", 1), ("fgr", 1), ("cifg", 2), ("gru_cho", 1)])
+@pytest.mark.parametrize("variant, layers", [("peephole", 1), ("fgr", 1), ("cifg", 2), ("gru_cho", 1),
+                                             ("depth_gated", 2), ("clockwork", 1)])
 def test_a_members_numbers_do_not_depend_on_its_companions(variant, layers):
     """Bit for bit, for populations of two or more (the engine groups runs by timing: studies/worker.py)."""
     task = build_task("copy_memory", seq_len=4, n_copy=2)
-    spec = PopulationSpec(variant, hidden_size=6, num_layers=layers)
+    spec = PopulationSpec(variant, hidden_size=width(variant), num_layers=layers)
     members = [Member(seed=s, lr=1e-2) for s in (3, 7, 11, 13)]
     cfg = TrainConfig(steps=6, eval_every=3, batch_size=5)
     runs = [train_population(task, spec, [members[i] for i in group], cfg, task.eval_batch(16, 0))[0]
@@ -199,10 +215,10 @@ def test_benchmark_rows_carry_the_spread_over_rounds():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("variant", ["lstm", "peephole", "fgr", "gru", "gru_cho", "rnn"])
+@pytest.mark.parametrize("variant", ["lstm", "peephole", "fgr", "gru", "gru_cho", "rnn", "depth_gated", "clockwork"])
 def test_population_on_cuda_equals_sequential_runs_on_cpu(variant):
     task = build_task("copy_memory", seq_len=4, n_copy=2)
-    spec = PopulationSpec(variant, hidden_size=6)
+    spec = PopulationSpec(variant, hidden_size=width(variant))
     cfg = TrainConfig(steps=20, eval_every=10, batch_size=5)
     eval_batch = task.eval_batch(16, 0)
     results = train_population(task, spec, MEMBERS, cfg, eval_batch, device="cuda")

@@ -40,6 +40,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from variants import register
+from variants.lstm import _addmm, _addmm_, _transposed
 
 
 @lru_cache(maxsize=256)
@@ -97,10 +98,12 @@ class ClockworkRNN(nn.Module):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, dropout={self.dropout}, "
                 f"periods={list(self.periods)}")
 
-    def recurrent_matrix(self, k=0):
-        """Layer k's full (H, H) W_H: module i's row block is zero left of column i * H/g."""
+    def recurrent_matrix(self, k=0, weight=None):
+        """Layer k's full (H, H) W_H: module i's row block is zero left of column i * H/g. ``weight(name)``:
+        the blocks by parameter name, default this model's; a population's stacked ones give (P, H, H)."""
         m, g = self.module_size, len(self.periods)
-        return torch.cat([F.pad(getattr(self, f"weight_hh_l{k}_m{i}"), (i * m, 0)) for i in range(g)], 0)
+        weight = weight or (lambda name: getattr(self, name))
+        return torch.cat([F.pad(weight(f"weight_hh_l{k}_m{i}"), (i * m, 0)) for i in range(g)], -2)
 
     def forward(self, x, state=None, *, t0: int = 0):
         """``t0``: the absolute index of x's first step (module i updates at steps t with t mod T_i == 0)."""
@@ -134,44 +137,47 @@ class _Recurrence(torch.autograd.Function):
     backpropagation through time: per step only the active prefix's units (columns of the (B, H) state) are
     computed, forward and backward, and the recurrent weight gradient is one matmul over all steps (autograd
     on a loop would allocate a full H x H gradient per step for the row slices). Per-step views are made in
-    bulk, once per distinct prefix width. Checked against autograd on the plain equations and by gradcheck
-    in tests/test_variants.py."""
+    bulk, once per distinct prefix width. The same walk serves P stacked models (``studies/population.py``):
+    xp (P, T, B, H), h0 (P, B, H), w (P, H, H), batched matmuls. Checked against autograd on the plain
+    equations and by gradcheck in tests/test_variants.py."""
 
     @staticmethod
     def forward(ctx, plan, m, xp, h0, w):
-        T, B, H = xp.shape
-        hs = xp.new_empty(T + 1, B, H)
-        hs[0] = h0
+        *lead, T, B, H = xp.shape  # lead: () for one model, (P,) for a population
+        tax = len(lead)            # the time axis
+        hs = xp.new_empty(*lead, T + 1, B, H)
+        hs.select(tax, 0).copy_(h0)
         widths = {n for n, _ in plan if n}
-        w_t = {n: w[:n].t() for n in widths}
-        xp_n = _prefix_views(xp, widths)
-        hs_n = _prefix_views(hs[1:], widths)
-        kept = {n: hs[..., n:].unbind(0) for n in {n for n, _ in plan if n < H}}  # units after the prefix
-        for t, ((n, active), h_prev, h) in enumerate(zip(plan, hs.unbind(0), hs[1:].unbind(0))):
+        w_t = {n: _transposed(w[..., :n, :]) for n in widths}
+        xp_n = _prefix_views(xp, widths, tax)
+        hs_n = _prefix_views(hs.narrow(tax, 1, T), widths, tax)
+        kept = {n: hs[..., n:].unbind(tax) for n in {n for n, _ in plan if n < H}}  # units after the prefix
+        for t, ((n, active), h_prev, h) in enumerate(zip(plan, hs.unbind(tax), hs.narrow(tax, 1, T).unbind(tax))):
             if n < H:
                 kept[n][t + 1].copy_(kept[n][t])
             if n:
-                torch.addmm(xp_n[n][t], h_prev, w_t[n], out=hs_n[n][t]).tanh_()
+                _addmm(xp_n[n][t], h_prev, w_t[n], out=hs_n[n][t]).tanh_()
                 for j in _idle(active, n, m):  # modules inside the prefix that are not scheduled
-                    h[:, j] = h_prev[:, j]
+                    h[..., j] = h_prev[..., j]
         ctx.plan, ctx.m = plan, m
         ctx.save_for_backward(hs, w)
-        return hs[1:], hs[T].clone()
+        return hs.narrow(tax, 1, T), hs.select(tax, T).clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_hT):
         hs, w = ctx.saved_tensors
         plan, m = ctx.plan, ctx.m
-        T1, B, H = hs.shape
-        dZ = hs.new_zeros(T1 - 1, B, H)  # gradients of the pre-activations; zero where a module idles
-        dh = d_hT.clone() if d_hT is not None else hs.new_zeros(B, H)
+        *lead, T1, B, H = hs.shape
+        tax = len(lead)
+        dZ = hs.new_zeros(*lead, T1 - 1, B, H)  # gradients of the pre-activations; zero where a module idles
+        dh = d_hT.clone() if d_hT is not None else hs.new_zeros(*lead, B, H)
         widths = {n for n, _ in plan if n}
-        w_n = {n: w[:n] for n in widths}
-        dh_n = {n: dh[:, :n] for n in widths}
-        dz_n = _prefix_views(dZ, widths)
-        hs_n = _prefix_views(hs[1:], widths)
-        d_out = d_out.unbind(0) if d_out is not None else None
+        w_n = {n: w[..., :n, :] for n in widths}
+        dh_n = {n: dh[..., :n] for n in widths}
+        dz_n = _prefix_views(dZ, widths, tax)
+        hs_n = _prefix_views(hs.narrow(tax, 1, T1 - 1), widths, tax)
+        d_out = d_out.unbind(tax) if d_out is not None else None
         for t in reversed(range(T1 - 1)):
             if d_out is not None:
                 dh.add_(d_out[t])
@@ -182,20 +188,22 @@ class _Recurrence(torch.autograd.Function):
             torch.ops.aten.tanh_backward.grad_input(dh_n[n], hs_n[n][t], grad_input=dz)  # dh ⊙ (1 - h²)
             idle = _idle(active, n, m)
             for j in idle:
-                dz[:, j] = 0.0
-            kept = dh[:, :n].clone() if idle else None
+                dz[..., j] = 0.0
+            kept = dh[..., :n].clone() if idle else None
             dh_n[n].zero_()  # updated units don't pass their gradient straight to h_{t-1} ...
             for j in idle:
-                dh[:, j] = kept[:, j]  # ... idle ones do
-            dh.addmm_(dz, w_n[n])
+                dh[..., j] = kept[..., j]  # ... idle ones do
+            _addmm_(dh, dz, w_n[n])
         # (h^T dZ)^T, not dZ^T h: BLAS ran the latter (a transposed T*B-row operand first) ~3x slower (measured).
-        d_w = (hs[:-1].reshape(-1, H).t() @ dZ.view(-1, H)).t()
+        h_prev = hs.narrow(tax, 0, T1 - 1).reshape(*lead, -1, H)
+        d_w = (h_prev.transpose(-1, -2) @ dZ.view(*lead, -1, H)).transpose(-1, -2)
         return None, None, dZ, dh, d_w
 
 
-def _prefix_views(x, widths):
-    """{n: [x[t, :, :n] for every t]} for each width n, the views made in bulk (cheaper than per step)."""
-    return {n: x[..., :n].unbind(0) for n in widths}
+def _prefix_views(x, widths, tax=0):
+    """{n: [x[t, :, :n] for every t]} for each width n (t along axis ``tax``), made in bulk (cheaper than per
+    step)."""
+    return {n: x[..., :n].unbind(tax) for n in widths}
 
 
 def _idle(active, n, m):

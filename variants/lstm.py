@@ -273,6 +273,17 @@ def _addmm_(out, a, b):
     return out.addmm_(a, b) if a.dim() == 2 else out.baddbmm_(a, b)
 
 
+def _addmm(c, a, b, out=None):
+    """c + a @ b (``addmm`` / ``baddbmm``), into ``out`` if given."""
+    return torch.addmm(c, a, b, out=out) if a.dim() == 2 else torch.baddbmm(c, a, b, out=out)
+
+
+def _transposed(w):
+    """w^T for a step's matmul: a view for one model's (m, n); a population's (P, m, n) stack made contiguous
+    (CPU bmm copies a transposed operand at every call otherwise)."""
+    return w.t() if w.dim() == 2 else w.transpose(1, 2).contiguous()
+
+
 def _peephole_rows(cell, peep):
     """p_i, p_f, p_o (None where a gate or the peepholes are absent) and the i, f block p_if, shaped to
     broadcast against one step's (B, H) (one model, peep (S, H)) or (P, B, H) (population, peep (P, S, H))."""
