@@ -30,7 +30,7 @@ hand-written backpropagation (``variants.lstm.recurrence_forward``/``_backward``
 (:class:`_LSTMRecurrence`); so do depth_gated and clockwork (their modules' ``_Recurrence``, which take a leading
 member axis: batched matmuls, the same elementwise ops; clockwork updates only the modules due at each step, as
 one model does); GRU and Elman are a plain loop over time in autograd (one ``baddbmm`` and a few elementwise ops
-per step). Every registered variant has a population form (:func:`supports_population`: not with dropout between
+per step). Every shipped variant has a population form (:func:`supports_population`: not with dropout between
 layers). On the CPU, :func:`train_population`
 makes malloc keep freed memory (:func:`keep_freed_memory`): a population's per-step buffers are otherwise page
 faulted in afresh at every step.
