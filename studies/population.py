@@ -690,7 +690,8 @@ def _evaluate(task: Task, pop: PopulationModel, batch: Batch) -> list[dict[str, 
 BENCH_FAMILIES = ("lstm", "peephole", "cifg", "nig", "nfg", "nog", "niaf", "noaf", "fgr", "gru", "gru_cho", "rnn",
                   "depth_gated", "clockwork")
 # greff is peephole's equations under another name; cifg/nig/.../fgr are Greff et al.'s LSTM-family ablations.
-DEFAULT_BENCH_FAMILIES = ("lstm", "peephole", "fgr", "gru", "gru_cho", "rnn")
+# The default: one of each code path (the other ablations run peephole's loop).
+DEFAULT_BENCH_FAMILIES = ("lstm", "peephole", "fgr", "gru", "gru_cho", "rnn", "depth_gated", "clockwork")
 
 
 def benchmark_population(families: list[str] | None = None, hidden_sizes=(32, 64, 128), sizes=(1, 4, 8, 16, 32),

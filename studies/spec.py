@@ -201,8 +201,12 @@ class Train(Strict):
 
     @field_validator("population", mode="before")
     @classmethod
-    def _yaml_off(cls, v):
-        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v  # YAML reads `off` as false
+    def _population(cls, v):
+        if isinstance(v, bool):  # YAML reads `off` as false
+            return "off" if v is False else "auto"
+        if v in ("off", "auto") or (isinstance(v, int) and v >= 1):
+            return v
+        raise ValueError(f"expected off, auto or the most members per population (1 or more), got {v!r}")
 
     @model_validator(mode="after")
     def _check(self):

@@ -41,6 +41,8 @@ def test_minimal_spec_loads_with_defaults(tmp_path):
     (BASE + "train: {stepz: 3}\n", "train.stepz", "unknown field"),
     (BASE + "trials: 0\n", "trials", "greater than or equal to 1"),
     (BASE + "train: {steps: many}\n", "train.steps", "integer"),
+    (BASE + "train: {steps: 3, population: 0}\n", "train.population", "expected off, auto or the most members"),
+    (BASE + "train: {steps: 3, population: 4x}\n", "train.population", "got '4x'"),
     (BASE + "sampler: bayes\n", "sampler", "'tpe', 'random', 'grid' or 'qmc'"),
     (BASE + "search_space: {lr: {type: float, low: 1, high: 0.1}}\n", "search_space.lr", "above high"),
     (BASE + "search_space: {lr: {type: float, low: 0, high: 0.1, log: true}}\n", "search_space.lr", "low > 0"),
@@ -62,6 +64,13 @@ def test_minimal_spec_loads_with_defaults(tmp_path):
 def test_bad_spec_names_the_field(tmp_path, text, field, words):
     message = error(tmp_path, text)
     assert f": {field}" in message and words in message, message
+
+
+@pytest.mark.parametrize("value, expected", [("off", "off"), ("false", "off"), ("auto", "auto"), ("true", "auto"),
+                                             ("4", 4), ("1", 1)])
+def test_population_setting(tmp_path, value, expected):
+    spec, _, _ = specs.load(write(tmp_path, BASE + f"train: {{steps: 3, population: {value}}}\n"))
+    assert spec.train.population == expected
 
 
 def test_invalid_yaml_names_the_line(tmp_path):
