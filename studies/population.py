@@ -162,10 +162,11 @@ def population_pays(variant: str, switches: dict[str, Any] | None, hidden_size: 
       not measured at 128).
     * ``lstm``/``np`` (the fused nn.LSTM kernel alone, against the population's loop): 1.15-1.3x at hidden 32,
       0.9-1.1x at 64-128: never paid (too thin to be sure of).
-    * depth_gated (its hand-written walk, one model against P; two runs of 3 rounds, P = 8-16): hidden 32
-      1.6-2.3x (1.3), 64 1.2-1.4x (0.91), 128 1.0-1.2x (0.83). Paid at hidden <= 32 (64 is as thin as fgr's 128).
-    * clockwork (default 4 modules; only the modules due at a step are computed, in both): hidden 32 2.6-3.3x
-      (1.8), 64 2.1-2.4x (2.0), 128 1.3-1.8x (1.26). Paid at hidden <= 128.
+    * depth_gated (its hand-written walk, one model against P; two runs of 3 rounds on a busy machine and one
+      of 5 on a quiet one, P = 8-16): hidden 32 1.6-2.4x (1.3), 64 1.2-1.4x (0.91), 128 1.0-1.2x (0.83). Paid
+      at hidden <= 32 (64 is as thin as fgr's 128).
+    * clockwork (default 4 modules; only the modules due at a step are computed, in both; the same three
+      runs): hidden 32 2.6-3.3x (1.8), 64 1.9-2.4x (1.8), 128 1.3-1.8x (1.26). Paid at hidden <= 128.
 
     The population's edge at these sizes is per-op overhead shared by P members; the matmuls and transcendental
     functions cost the same per member (so the edge shrinks as hidden grows, and with FGR). On CUDA a small
