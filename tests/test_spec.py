@@ -1,6 +1,7 @@
 """Study files: strict validation, one-line errors naming the file and the field; cells and ladders."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,13 @@ def test_bad_spec_names_the_field(tmp_path, text, field, words):
 def test_population_setting(tmp_path, value, expected):
     spec, _, _ = specs.load(write(tmp_path, BASE + f"train: {{steps: 3, population: {value}}}\n"))
     assert spec.train.population == expected
+
+
+def test_the_readmes_annotated_study_file_loads(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme[readme.index("## Study files"):].split("```yaml\n", 1)[1].split("```", 1)[0]
+    spec, _, _ = specs.load(write(tmp_path, block))
+    assert spec.name == "my_ablation" and spec.train.population == "auto" and spec.train.optimizer == "adam"
 
 
 def test_invalid_yaml_names_the_line(tmp_path):
