@@ -33,7 +33,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The reference study (studies/odyssey.yaml, about 50 min with 2 workers on 2 cores; resumes if stopped),
+# The reference study (studies/odyssey.yaml, about 45 min with 2 workers on 2 cores; resumes if stopped),
 # then its tables copied over the shipped ones: `git diff studies/results` shows what moved on this machine.
 reference: $(STAMP)
 	$(BIN)/rnnbench run odyssey --root $(ROOT) --workers $(WORKERS)

@@ -10,7 +10,11 @@ The estimate of one run (a search trial or a replicate run) is
     [+ two gradient-by-lag probes, replicate runs] + RUN_OVERHEAD
 
 where the per-step and per-evaluation seconds are *measured on this machine*: a few training steps of the
-cell's model after one warm-up step, on one torch thread, as a worker runs them (:func:`calibrate`). A
+cell's model after one warm-up step, on one torch thread, as a worker runs them (:func:`calibrate`). Runs that
+a worker trains together as one population (``train.population``, ``studies.population.population_size``:
+replicate runs, and search trials of one generation where only per-member hyperparameters are searched) are
+timed as a step of that population, shared by its members; their evaluations, probes and per-run overhead
+count once per member. A
 ``seconds`` budget caps the training part. Each distinct (variant, switches, task settings, hidden size,
 layers, batch size, optimizer, eval size) is calibrated once and cached in ``ROOT/plan-cache.json`` with
 the torch version and host name (the only file ``plan`` writes). Searched hyperparameters that change the
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import json
 import os
 import socket
@@ -49,6 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from studies.population import PopulationSpec, keep_freed_memory, population_size, population_step
 from studies.spec import SWITCH, Cell, Spec, _param_values, cells
 from studies.training import EMBED_MAX, SequenceModel, TrainConfig, gradient_by_lag, make_optimizer
 from variants import count_parameters, hidden_for_param_budget
@@ -83,9 +89,11 @@ class CellPlan:
     hidden: tuple[int, int]
     trials: int
     replicates: int
-    search_seconds: float  # estimated wall time of one search trial, one replicate run (on one worker alone)
-    replicate_seconds: float
+    search_seconds: float  # estimated wall time of one search trial, one replicate run (on one worker alone;
+    replicate_seconds: float  # a population's time shared by its members)
     step_seconds: float  # measured: one training step, mean over the calibrated configurations
+    search_group: int = 1  # runs trained together as one population (1: one by one)
+    replicate_group: int = 1
 
 
 @dataclass
@@ -111,8 +119,8 @@ def estimate(spec: Spec, root: Path, workers: int = 1, cores: int | None = None)
     cache = _read_cache(cache_path)
     measured, plans = 0, []
     for cell in cells(spec):
-        task = cell.build_task()
-        configs, counts, widths, steps, evals, probes = _configs(spec, cell, task), [], [], [], [], []
+        task, searched = cell.build_task(), {name for name, _ in cell.search_space}
+        configs, counts, widths, steps, runs = _configs(spec, cell, task), [], [], [], []
         for hp in configs:
             switches = cell.switches(hp)
             hidden = _hidden(spec, cell, task, hp, switches)
@@ -127,18 +135,37 @@ def estimate(spec: Spec, root: Path, workers: int = 1, cores: int | None = None)
                                        int(hp["batch_size"]), _optimizer(hp), spec.train.eval_size,
                                        probe=spec.replicates > 0)
                 measured += 1
-            steps.append(cache[key]["step"])
-            evals.append(cache[key]["eval"])
-            probes.append(cache[key].get("probe", 0.0))
-        train = _train_seconds(spec, mean(steps), mean(evals))
+            one = cache[key]
+            steps.append(one["step"])
+            pop = PopulationSpec(cell.variant.variant, switches, hidden, int(hp["num_layers"]), float(hp["dropout"]))
+            groups = (min(population_size(spec.train.population, "search", searched, pop, "cpu"),
+                          spec.generation, spec.trials),
+                      min(population_size(spec.train.population, "replicate", searched, pop, "cpu"),
+                          max(spec.replicates, 1)))
+            per_run = []
+            for group, probes in zip(groups, (0, 2)):
+                step = one["step"]
+                if group > 1:
+                    if f"{key}/{group}" not in cache:
+                        cache[f"{key}/{group}"] = {"step": population_step_seconds(task, pop, group,
+                                                                                   int(hp["batch_size"]))}
+                        measured += 1
+                    step = cache[f"{key}/{group}"]["step"] / group
+                per_run.append(_train_seconds(spec, step, one["eval"]) + probes * one.get("probe", 0.0)
+                               + RUN_OVERHEAD)
+            runs.append((*per_run, *groups))
+        search_s, replicate_s = (mean(r[j] for r in runs) for j in (0, 1))
+        search_group, replicate_group = (min(r[j] for r in runs) for j in (2, 3))
         plans.append(CellPlan(cell, (min(counts), max(counts)), (min(widths), max(widths)), spec.trials,
-                              spec.replicates, train + RUN_OVERHEAD, train + 2 * mean(probes) + RUN_OVERHEAD,
-                              mean(steps)))
+                              spec.replicates, search_s, replicate_s, mean(steps), search_group, replicate_group))
     if measured:
         _write_cache(cache_path, cache)
-    rows = [(c.search_seconds, c.trials, c.replicate_seconds, c.replicates) for c in plans]
+    # Scheduled as workers claim: a population is one job, a search generation ceil(generation / group) jobs.
+    rows = [(c.search_seconds * c.search_group, math.ceil(c.trials / c.search_group),
+             c.replicate_seconds * c.replicate_group, math.ceil(c.replicates / c.replicate_group),
+             math.ceil(spec.generation / c.search_group)) for c in plans]
     start = engine_start_seconds()
-    total = START_FACTOR * start + CELL_OVERHEAD * len(plans) + makespan(rows, workers, spec.generation, cores)
+    total = START_FACTOR * start + CELL_OVERHEAD * len(plans) + makespan(rows, workers, cores)
     return Plan(plans, workers, cores, total, measured, cache_path, spec.pruner != "none", start)
 
 
@@ -223,12 +250,7 @@ def calibrate(task, variant: str, switches: dict, hidden: int, num_layers: int, 
                 nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
 
-            step()  # warm-up
-            n, start = 0, time.perf_counter()
-            while n < min_steps or (time.perf_counter() - start < max_seconds and n < 50):
-                step()
-                n += 1
-            out = {"step": (time.perf_counter() - start) / n}
+            out = {"step": _seconds_per_call(step, min_steps, max_seconds)}
             held_out = task.eval_batch(eval_size, 0)
             start = time.perf_counter()
             with torch.no_grad():
@@ -244,11 +266,40 @@ def calibrate(task, variant: str, switches: dict, hidden: int, num_layers: int, 
         torch.set_num_threads(threads)
 
 
-def makespan(cells_: list[tuple[float, int, float, int]], workers: int, generation: int, cores: int) -> float:
-    """Seconds until every run has ended, list-scheduled as workers claim them.
+def population_step_seconds(task, spec: PopulationSpec, size: int, batch_size: int, min_steps: int = 3,
+                            max_seconds: float = 2.0) -> float:
+    """Seconds per training step of a population of ``size`` members, on one torch thread, as
+    ``studies.population.train_population`` trains it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    keep_freed_memory()
+    try:
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _seconds_per_call(population_step(task, spec, size, batch_size, torch.device("cpu")),
+                                     min_steps, max_seconds)
+    finally:
+        torch.set_num_threads(threads)
 
-    ``cells_``: per cell (seconds of a search trial, trials, seconds of a replicate run, replicates), each
-    on a worker alone. A run that starts while k - 1 others run takes ``k / speedup(k)`` times as long.
+
+def _seconds_per_call(step, min_steps: int, max_seconds: float) -> float:
+    """The mean seconds of ``step()`` after one warm-up call: at least ``min_steps`` calls, more (up to 50)
+    while under ``max_seconds``."""
+    step()
+    n, start = 0, time.perf_counter()
+    while n < min_steps or (time.perf_counter() - start < max_seconds and n < 50):
+        step()
+        n += 1
+    return (time.perf_counter() - start) / n
+
+
+def makespan(cells_: list[tuple[float, int, float, int, int]], workers: int, cores: int) -> float:
+    """Seconds until every job has ended, list-scheduled as workers claim them.
+
+    ``cells_``: per cell (seconds of a search job, search jobs, seconds of a replicate job, replicate jobs,
+    search jobs per generation), each on a worker alone; a job is one run, or a population of runs trained
+    together. A job that starts while k - 1 others run takes ``k / speedup(k)`` times as long.
     """
     ended = [set() for _ in cells_]  # search slots ended, per cell
     replicated = [0] * len(cells_)  # replicate runs started, per cell
@@ -257,11 +308,11 @@ def makespan(cells_: list[tuple[float, int, float, int]], workers: int, generati
     now = 0.0
 
     def ready():
-        for i, (_, trials, _, _) in enumerate(cells_):  # search trials first, in cell order
+        for i, (_, trials, _, _, generation) in enumerate(cells_):  # search trials first, in cell order
             s = next_slot[i]
             if s < trials and all(x in ended[i] for x in range(generation * (s // generation))):
                 return i, "search"
-        for i, (_, trials, _, replicates) in enumerate(cells_):
+        for i, (_, trials, _, replicates, _) in enumerate(cells_):
             if len(ended[i]) == trials and replicated[i] < replicates:
                 return i, "replicate"
         return None
@@ -310,12 +361,14 @@ def _duration(seconds: float) -> str:
 
 def format_plan(plan: Plan) -> str:
     """The plan as a table (one row per cell) and the estimate."""
-    rows = [("cell", "hidden", "params", "runs", "ms/step", "s/trial", "s/replicate")]
+    rows = [("cell", "hidden", "params", "runs", "together", "ms/step", "s/trial", "s/replicate")]
     for c in plan.cells:
         hidden = str(c.hidden[0]) if c.hidden[0] == c.hidden[1] else f"{c.hidden[0]}-{c.hidden[1]}"
         params = f"{c.params[0]:,}" if c.params[0] == c.params[1] else f"{c.params[0]:,}-{c.params[1]:,}"
-        rows.append((c.cell.key, hidden, params, f"{c.trials}+{c.replicates}", f"{1000 * c.step_seconds:.1f}",
-                     f"{c.search_seconds:.1f}", f"{c.replicate_seconds:.1f}" if c.replicates else "-"))
+        together = f"{c.search_group}+{c.replicate_group}" if c.search_group + c.replicate_group > 2 else "-"
+        rows.append((c.cell.key, hidden, params, f"{c.trials}+{c.replicates}", together,
+                     f"{1000 * c.step_seconds:.1f}", f"{c.search_seconds:.1f}",
+                     f"{c.replicate_seconds:.1f}" if c.replicates else "-"))
     widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(r, widths)))
              for r in rows]
@@ -327,4 +380,7 @@ def format_plan(plan: Plan) -> str:
               f"calibrated {plan.calibrated} configuration(s) now, the rest from {plan.cache}; per run "
               f"+{RUN_OVERHEAD} s; per study +{START_FACTOR:g} x {plan.start_seconds:.1f} s (engine start, "
               f"measured now) +{CELL_OVERHEAD} s per cell; parallel gain {PARALLEL_GAIN} per extra worker"]
+    if any(c.search_group + c.replicate_group > 2 for c in plan.cells):
+        lines.append("together: search trials + replicate runs a worker trains as one population "
+                     "(train.population), timed as one; s/trial and s/replicate are a run's share")
     return "\n".join(lines)

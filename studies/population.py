@@ -188,6 +188,24 @@ def population_pays(variant: str, switches: dict[str, Any] | None, hidden_size: 
     return hidden_size <= 64
 
 
+AUTO_POPULATION = 16  # the most members per population where `population: auto` trains one
+PER_MEMBER = frozenset({"lr", "grad_clip", "weight_decay"})  # hyperparameters members may differ in
+
+
+def population_size(setting: str | int, kind: str, searched: set[str], spec: PopulationSpec,
+                    device: str | torch.device) -> int:
+    """The most runs a worker trains as one population (1: one by one), for ``train.population`` ``setting``
+    (off, auto, N): replicate runs (``kind`` "replicate", one configuration), or search trials where every
+    ``searched`` hyperparameter is one a member may have of its own (``PER_MEMBER``: no shape changes)."""
+    if setting == "off" or (kind == "search" and not searched <= PER_MEMBER):
+        return 1
+    if not supports_population(spec.variant, spec.switches, spec.num_layers, spec.dropout):
+        return 1
+    if setting == "auto":
+        return AUTO_POPULATION if population_pays(spec.variant, spec.switches, spec.hidden_size, device) else 1
+    return int(setting)
+
+
 def member_models(task: Task, spec: PopulationSpec, seeds: list[int]) -> list[SequenceModel]:
     """Each seed's initial model, exactly as a sequential run builds it (``torch.manual_seed(seed)`` first)."""
     models = []
@@ -725,7 +743,7 @@ def benchmark_population(families: list[str] | None = None, hidden_sizes=(32, 64
         for hidden in hidden_sizes:
             spec = PopulationSpec(family, {}, hidden_size=hidden)
             runners = {0: _sequential_step(task, spec, batch, device)}
-            runners.update({p: _population_step(task, spec, p, batch, device) for p in sizes})
+            runners.update({p: population_step(task, spec, p, batch, device) for p in sizes})
             times = {k: [] for k in runners}
             for r in range(warmup + repeats):
                 for k, run in runners.items():
@@ -757,7 +775,9 @@ def _sequential_step(task, spec, batch, device):
     return step
 
 
-def _population_step(task, spec, size, batch, device):
+def population_step(task, spec, size, batch, device):
+    """One training step of a population of ``size`` members (Adam, clipping), as a closure; also what
+    ``rnnbench plan`` times."""
     pop = PopulationModel(member_models(task, spec, list(range(size)))).to(device)
     opt = PopulationOptimizer("adam", torch.full((size,), 1e-3, device=device), torch.zeros(size, device=device))
     clip = torch.ones(size, device=device)

@@ -32,8 +32,7 @@ from studies.launcher import LAUNCHER_PID, finish, reap, stop_failing, top_up
 from studies.spec import Cell, Spec, cells
 from studies.store import Store, StoreUnavailable
 from studies.tracking import cell_tags, close_run, provenance, run_name
-from studies.population import Member, PopulationSpec, member_models, population_pays, supports_population, \
-    train_population
+from studies.population import Member, PopulationSpec, member_models, population_size, train_population
 from studies.training import (EMBED_MAX, Divergence, TrainConfig, batch_to, device_name, gradient_by_lag,
                               resolve_device, train)
 from variants import count_parameters, hidden_for_param_budget
@@ -41,8 +40,6 @@ from variants import count_parameters, hidden_for_param_budget
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 GRAD_PROBE_SIZE = 64  # sequences in the gradient-by-lag probe of replicate runs
-AUTO_POPULATION = 16  # members per population where `population: auto` trains one
-PER_MEMBER = {"lr", "grad_clip", "weight_decay"}  # hyperparameters a population's members may differ in
 
 
 @dataclass
@@ -274,21 +271,13 @@ class Worker:
         return Job(cell, kind, study, frozen, trial, run_id, seed)
 
     def population_size(self, job: Job) -> int:
-        """How many trials to train with this one as a population (1: alone): replicate runs of the same
-        source, or search trials whose searched hyperparameters leave every shape alone (learning rate,
-        clipping, weight decay: what a population's members may have of their own)."""
-        setting = self.spec.train.population
-        searched = {name for name, _ in job.cell.search_space}
-        if setting == "off" or (job.kind == "search" and not searched <= PER_MEMBER):
-            return 1
+        """How many trials to train with this one as a population (1: alone): see ``population_size``."""
         hp = hyperparameters(self.spec, job.cell, job.trial)
-        switches, layers, dropout = job.cell.switches(hp), int(hp["num_layers"]), float(hp["dropout"])
-        if not supports_population(job.cell.variant.variant, switches, layers, dropout):
-            return 1
-        if setting == "auto":
-            hidden = hidden_size(self.spec, job.cell.drawn(hp), job.cell.build_task(), hp)
-            return AUTO_POPULATION if population_pays(job.cell.variant.variant, switches, hidden, self.device) else 1
-        return setting
+        spec = PopulationSpec(job.cell.variant.variant, job.cell.switches(hp),
+                              hidden_size(self.spec, job.cell.drawn(hp), job.cell.build_task(), hp),
+                              int(hp["num_layers"]), float(hp["dropout"]))
+        return population_size(self.spec.train.population, job.kind, {name for name, _ in job.cell.search_space},
+                               spec, self.device)
 
     def train_jobs(self, jobs: list[Job], population: bool = False) -> list:
         """Build the model(s) for the trials' hyperparameters, train, log as it goes. Returns each trial's

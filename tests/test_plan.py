@@ -9,7 +9,9 @@ import time
 import pytest
 
 from conftest import TINY, rnnbench
-from studies.plan import makespan
+from studies import plan as plans
+from studies import spec as specs
+from studies.plan import CELL_OVERHEAD, RUN_OVERHEAD, makespan
 
 UNITS = {"s": 1, "min": 60, "h": 3600}
 
@@ -40,7 +42,9 @@ def test_plan_writes_nothing_but_its_cache(tmp_path):
     root = tmp_path / "runs"
     first = rnnbench("plan", spec, "--root", root, "--workers", "2").stdout
     assert sorted(p.name for p in root.iterdir()) == ["plan-cache.json"]
-    assert "calibrated 2 configuration(s) now" in first and "with 2 worker(s)" in first
+    # per cell: one model's step, and a population of 2's (its 2 search trials, then its 2 replicate runs)
+    assert "calibrated 4 configuration(s) now" in first and "with 2 worker(s)" in first
+    assert re.search(r"^adding\(seq_len=8\)/rnn\s+16\s+\S+\s+2\+2\s+2\+2 ", first, re.M), first
     again = rnnbench("plan", spec, "--root", root).stdout
     assert "calibrated 0 configuration(s) now" in again  # from the cache
     assert sorted(p.name for p in root.iterdir()) == ["plan-cache.json"]
@@ -60,12 +64,36 @@ def test_plan_refuses_a_bad_study_like_run(tmp_path):
     (2, 2, None),  # two: less than the sum, more than half of it (1.6x at best)
 ])
 def test_makespan_list_schedules_with_generations_and_replicates(workers, cores, expected):
-    cells = [(1.0, 4, 2.0, 1), (1.0, 4, 2.0, 1)]  # per cell: 4 search trials of 1 s, 1 replicate run of 2 s
-    seconds = makespan(cells, workers, generation=2, cores=cores)
+    cells = [(1.0, 4, 2.0, 1, 2), (1.0, 4, 2.0, 1, 2)]  # per cell: 4 search trials of 1 s in generations of 2, 1 replicate run of 2 s
+    seconds = makespan(cells, workers, cores=cores)
     if expected is not None:
         assert seconds == pytest.approx(expected)
     else:
         assert 12 / 1.6 - 1e-9 <= seconds < 12
     # a replicate run waits for its cell's search; a generation for the one before it
-    assert makespan([(1.0, 1, 5.0, 1)], 4, 1, 4) == pytest.approx(6.0)
-    assert makespan([(1.0, 4, 0.0, 0)], 8, 2, 8) > makespan([(1.0, 4, 0.0, 0)], 8, 4, 8)
+    assert makespan([(1.0, 1, 5.0, 1, 1)], 4, 4) == pytest.approx(6.0)
+    assert makespan([(1.0, 4, 0.0, 0, 2)], 8, 8) > makespan([(1.0, 4, 0.0, 0, 4)], 8, 8)
+
+
+@pytest.mark.parametrize("population", ["auto", "off"])
+def test_runs_trained_together_are_planned_as_one_population_job(tmp_path, monkeypatch, population):
+    """A population's step is timed as one and shared by its members; one job per population. Here one
+    model's step and a population of 2's both take 10 ms: a member's share is half."""
+    monkeypatch.setattr(plans, "calibrate", lambda *a, **k: {"step": 0.01, "eval": 0.0, "probe": 0.0})
+    monkeypatch.setattr(plans, "population_step_seconds", lambda task, spec, size, batch: 0.01)
+    monkeypatch.setattr(plans, "engine_start_seconds", lambda: 0.0)
+    path = tmp_path / "s.yaml"
+    path.write_text(TINY.replace("seq_len: [8, 12]", "seq_len: 8").replace("  - task: copy_memory\n    seq_len: 5\n"
+                                                                        "    n_copy: 2\n", "")
+                    .replace("batch_size: 16}", f"batch_size: 16, population: {population}}}"))
+    spec, _, _ = specs.load(path)
+    plan = plans.estimate(spec, tmp_path, workers=1)
+    rnn, lstm = plan.cells  # rnn at hidden 16: a population pays; lstm: torch's fused kernel, never
+    together = population == "auto"
+    assert (rnn.search_group, rnn.replicate_group) == ((2, 2) if together else (1, 1))
+    assert (lstm.search_group, lstm.replicate_group) == (1, 1)
+    run_alone = 40 * 0.01 + RUN_OVERHEAD  # 40 steps of 10 ms
+    assert lstm.search_seconds == pytest.approx(run_alone)
+    assert rnn.search_seconds == pytest.approx(40 * 0.01 / 2 + RUN_OVERHEAD if together else run_alone)
+    assert plan.seconds == pytest.approx(2 * CELL_OVERHEAD + 4 * rnn.search_seconds + 4 * run_alone)
+    assert ("together: " in plans.format_plan(plan)) == together
