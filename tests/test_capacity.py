@@ -24,7 +24,7 @@ PINNED = {
          ("copy_memory(seq_len=10,n_copy=5)/lstm", "1ecab9157f203177"),
          ("copy_memory(seq_len=10,n_copy=5)/gru", "765a984482b4ebc4")]),
     "odyssey": (
-        "f4db1efed317daef5361f0002b89beff2be0f067327f763ac80e14c38743fbe1",
+        "b42fa066519f65957e462875a9b5b03253c38ee60f4ff8fc4794a19e3f9f1ae3",  # 2026-11-28: a comment changed
         "6162a1214d79deef19141319d3780caa7e11f1bef391a609894fbcdcd4a53697",
         [("adding(seq_len=20)/rnn", "236c411b9c773b81"),
          ("adding(seq_len=20)/lstm", "eb91ec02ee35e03d"),
