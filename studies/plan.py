@@ -56,8 +56,8 @@ from torch import nn
 
 from studies.population import PopulationSpec, keep_freed_memory, population_size, population_step
 from studies.spec import SWITCH, Cell, Spec, _param_values, cells
-from studies.training import EMBED_MAX, SequenceModel, TrainConfig, gradient_by_lag, make_optimizer
-from variants import count_parameters, hidden_for_param_budget
+from studies.training import SequenceModel, TrainConfig, gradient_by_lag, make_optimizer
+from variants import count_parameters
 
 __all__ = ["CellPlan", "Plan", "calibrate", "estimate", "format_plan", "makespan"]
 
@@ -123,7 +123,7 @@ def estimate(spec: Spec, root: Path, workers: int = 1, cores: int | None = None)
         configs, counts, widths, steps, runs = _configs(spec, cell, task), [], [], [], []
         for hp in configs:
             switches = cell.switches(hp)
-            hidden = _hidden(spec, cell, task, hp, switches)
+            hidden = cell.hidden_size(task, hp)
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 counts.append(count_parameters(SequenceModel(task, cell.variant.variant, hidden,
@@ -138,9 +138,9 @@ def estimate(spec: Spec, root: Path, workers: int = 1, cores: int | None = None)
             one = cache[key]
             steps.append(one["step"])
             pop = PopulationSpec(cell.variant.variant, switches, hidden, int(hp["num_layers"]), float(hp["dropout"]))
-            groups = (min(population_size(spec.train.population, "search", searched, pop, "cpu"),
+            groups = (min(population_size(spec.train.population, "search", searched, lambda: pop, "cpu"),
                           spec.generation, spec.trials),
-                      min(population_size(spec.train.population, "replicate", searched, pop, "cpu"),
+                      min(population_size(spec.train.population, "replicate", searched, lambda: pop, "cpu"),
                           max(spec.replicates, 1)))
             per_run = []
             for group, probes in zip(groups, (0, 2)):
@@ -195,14 +195,6 @@ def _configs(spec: Spec, cell: Cell, task) -> list[dict[str, Any]]:
 
 def _optimizer(hp: dict) -> str:
     return "nesterov" if hp["optimizer"] == "sgd" and hp["nesterov"] else hp["optimizer"]
-
-
-def _hidden(spec: Spec, cell: Cell, task, hp: dict, switches: dict) -> int:
-    if cell.model.match == "width":
-        return int(hp["hidden_size"])
-    rnn_in = min(task.input_size, EMBED_MAX) if task.input_kind == "tokens" else task.input_size
-    return hidden_for_param_budget(cell.variant.variant, rnn_in, cell.model.param_budget,
-                                   num_layers=int(hp["num_layers"]), output_size=task.output_size, **switches)
 
 
 def _train_seconds(spec: Spec, step: float, evaluation: float) -> float:

@@ -192,13 +192,15 @@ AUTO_POPULATION = 16  # the most members per population where `population: auto`
 PER_MEMBER = frozenset({"lr", "grad_clip", "weight_decay"})  # hyperparameters members may differ in
 
 
-def population_size(setting: str | int, kind: str, searched: set[str], spec: PopulationSpec,
+def population_size(setting: str | int, kind: str, searched: set[str], member: Callable[[], PopulationSpec],
                     device: str | torch.device) -> int:
     """The most runs a worker trains as one population (1: one by one), for ``train.population`` ``setting``
     (off, auto, N): replicate runs (``kind`` "replicate", one configuration), or search trials where every
-    ``searched`` hyperparameter is one a member may have of its own (``PER_MEMBER``: no shape changes)."""
+    ``searched`` hyperparameter is one a member may have of its own (``PER_MEMBER``: no shape changes).
+    ``member()`` gives the members' configuration; it is built only where a population is allowed at all."""
     if setting == "off" or (kind == "search" and not searched <= PER_MEMBER):
         return 1
+    spec = member()
     if not supports_population(spec.variant, spec.switches, spec.num_layers, spec.dropout):
         return 1
     if setting == "auto":

@@ -352,6 +352,17 @@ class Cell:
         drawn = {k.removeprefix(SWITCH): v for k, v in (hp or {}).items() if k.startswith(SWITCH)}
         return {**self.variant.switches, **drawn}
 
+    def hidden_size(self, task: Task, hp: dict[str, Any]) -> int:
+        """The recurrent width for a trial's hyperparameters ``hp``: its hidden_size, or with ``match: params``
+        the width whose parameter count comes nearest the capacity's param_budget, with the drawn switches."""
+        if self.model.match == "width":
+            return int(hp["hidden_size"])
+        from studies.training import rnn_input_size
+        from variants import hidden_for_param_budget
+        return hidden_for_param_budget(self.variant.variant, rnn_input_size(task), self.model.param_budget,
+                                       num_layers=int(hp["num_layers"]), output_size=task.output_size,
+                                       **self.switches(hp))
+
     def drawn(self, hp: dict[str, Any]) -> Cell:
         """This cell with the switches a trial drew fixed in its variant entry."""
         return dataclasses.replace(self, variant=self.variant.model_copy(update={"switches": self.switches(hp)}))
@@ -806,9 +817,9 @@ def _check_user_variants(spec: Spec, tasks: list[Task]) -> None:
     random batch at every input width its tasks give it, so a cell that raises stops the study at load
     rather than failing every trial. (``rnnbench check variant`` runs the full contract.)"""
     import torch
-    from studies.training import EMBED_MAX
+    from studies.training import rnn_input_size
     from variants import build_variant, hidden_for_param_budget
-    widths = sorted({min(t.input_size, EMBED_MAX) if t.input_kind == "tokens" else t.input_size for t in tasks})
+    widths = sorted({rnn_input_size(t) for t in tasks})
     for i, v in enumerate(spec.variants):
         if _defined_in("variant", v.variant) not in {file for _, file in spec._imported.values()}:
             continue

@@ -22,6 +22,11 @@ from variants import build_variant
 EMBED_MAX = 64  # token embeddings are min(vocab, 64) wide
 
 
+def rnn_input_size(task: Task) -> int:
+    """The recurrent variant's input width: the task's, or for tokens their embedding's, min(vocab, 64)."""
+    return min(task.input_size, EMBED_MAX) if task.input_kind == "tokens" else task.input_size
+
+
 class SequenceModel(nn.Module):
     """Task input -> recurrent variant -> linear head; emits ``(B, T, task.output_size)``.
 
@@ -32,12 +37,8 @@ class SequenceModel(nn.Module):
     def __init__(self, task: Task, variant: str, hidden_size: int, num_layers: int = 1,
                  dropout: float = 0.0, switches: dict[str, Any] | None = None):
         super().__init__()
-        if task.input_kind == "tokens":
-            self.embed = nn.Embedding(task.input_size, min(task.input_size, EMBED_MAX))
-            rnn_in = self.embed.embedding_dim
-        else:
-            self.embed = None
-            rnn_in = task.input_size
+        rnn_in = rnn_input_size(task)
+        self.embed = nn.Embedding(task.input_size, rnn_in) if task.input_kind == "tokens" else None
         self.rnn = build_variant(variant, rnn_in, hidden_size, num_layers, dropout, **(switches or {}))
         self.head = nn.Linear(hidden_size, task.output_size)
 

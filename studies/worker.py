@@ -33,9 +33,9 @@ from studies.spec import Cell, Spec, cells
 from studies.store import Store, StoreUnavailable
 from studies.tracking import cell_tags, close_run, provenance, run_name
 from studies.population import Member, PopulationSpec, member_models, population_size, train_population
-from studies.training import (EMBED_MAX, Divergence, TrainConfig, batch_to, device_name, gradient_by_lag,
+from studies.training import (Divergence, TrainConfig, batch_to, device_name, gradient_by_lag,
                               resolve_device, train)
-from variants import count_parameters, hidden_for_param_budget
+from variants import count_parameters
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -109,15 +109,6 @@ def hyperparameters(spec: Spec, cell: Cell, trial: optuna.Trial) -> dict:
                                            "nesterov"})}
     hp.update(suggest(trial, cell))
     return hp
-
-
-def hidden_size(spec: Spec, cell: Cell, task, hp: dict) -> int:
-    if cell.model.match == "width":
-        return int(hp["hidden_size"])
-    rnn_in = min(task.input_size, EMBED_MAX) if task.input_kind == "tokens" else task.input_size
-    return hidden_for_param_budget(cell.variant.variant, rnn_in, cell.model.param_budget,
-                                   num_layers=int(hp["num_layers"]), output_size=task.output_size,
-                                   **cell.variant.switches)
 
 
 class Worker:
@@ -273,11 +264,13 @@ class Worker:
     def population_size(self, job: Job) -> int:
         """How many trials to train with this one as a population (1: alone): see ``population_size``."""
         hp = hyperparameters(self.spec, job.cell, job.trial)
-        spec = PopulationSpec(job.cell.variant.variant, job.cell.switches(hp),
-                              hidden_size(self.spec, job.cell.drawn(hp), job.cell.build_task(), hp),
-                              int(hp["num_layers"]), float(hp["dropout"]))
+
+        def member() -> PopulationSpec:
+            return PopulationSpec(job.cell.variant.variant, job.cell.switches(hp),
+                                  job.cell.hidden_size(job.cell.build_task(), hp), int(hp["num_layers"]),
+                                  float(hp["dropout"]))
         return population_size(self.spec.train.population, job.kind, {name for name, _ in job.cell.search_space},
-                               spec, self.device)
+                               member, self.device)
 
     def train_jobs(self, jobs: list[Job], population: bool = False) -> list:
         """Build the model(s) for the trials' hyperparameters, train, log as it goes. Returns each trial's
@@ -288,7 +281,7 @@ class Worker:
         hps = [hyperparameters(spec, cell, job.trial) for job in jobs]
         hp = hps[0]  # replicate runs share every hyperparameter
         switches = cell.switches(hp)  # the entry's, and those the search drew (Optuna name switches.NAME)
-        hidden = hidden_size(spec, cell.drawn(hp), task, hp)
+        hidden = cell.hidden_size(task, hp)
         layers, dropout = int(hp["num_layers"]), float(hp["dropout"])
         optimizer = "nesterov" if hp["optimizer"] == "sgd" and hp["nesterov"] else hp["optimizer"]
         cfg = TrainConfig(lr=float(hp["lr"]), steps=spec.train.steps or 10**12, batch_size=int(hp["batch_size"]),
