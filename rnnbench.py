@@ -72,9 +72,9 @@ def user_errors(fn):
         except Exception as e:
             if not (isinstance(e, _user_error_types()) or type(e) is LookupError):
                 raise  # KeyError, IndexError...: a bug, not a missing study or report
-            if _debug() and e.__cause__ is not None:  # e.g. the traceback inside a study file's own module
+            if _debug():  # the traceback behind it: e.g. inside a study file's own module, else where it was said
                 import traceback
-                traceback.print_exception(e.__cause__, file=sys.stderr)
+                traceback.print_exception(e.__cause__ or e, file=sys.stderr)
             raise UserError(str(e)) from None
     return wrapper
 
@@ -88,6 +88,9 @@ class Cli(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError:  # `rnnbench list variants | head`: the reader has gone; say nothing more
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(1)
         except Exception:
             import traceback
             traceback.print_exc()
@@ -214,7 +217,7 @@ def worker(spec, root, threads, storage, tracking_uri, stale_after, device, work
         n = run_worker(parsed, sha, _store(root, storage, tracking_uri), threads, stale_after=stale_after,
                        device=_device(device), worker_id=worker_id)
     except KeyboardInterrupt:
-        click.echo("worker stopped; its trial in hand was closed as interrupted", err=True)
+        click.echo("worker stopped; the trials it had in hand, if any, were closed as interrupted", err=True)
         sys.exit(130)
     click.echo(f"worker done: {n} trials")
 
@@ -316,7 +319,7 @@ def status(spec, root, storage, overrides):
     """Trials finished/pruned/failed/running per cell, best objective, replication progress. SPEC: a study
     file or a shipped study's name, with the --set the study was run with."""
     from studies import spec as specs
-    from studies.queue import prepared_as_defined, progress
+    from studies.queue import check_fingerprints, prepared_as_defined, progress
     from studies.progress import status_table
 
     # Without torch where it can (its import is most of this command's time): the study file is checked in
@@ -337,6 +340,7 @@ def status(spec, root, storage, overrides):
         optuna_storage = JournalStorage(JournalFileBackend(str(journal)))
     if not parsed.deep and not prepared_as_defined(parsed, optuna_storage):
         parsed, _, _ = specs.load(spec, overrides)
+        check_fingerprints(parsed, optuna_storage, "give `status` the study file and --set the study was run with")
     status_table(parsed, progress(parsed, optuna_storage))
 
 
@@ -454,13 +458,17 @@ def dashboard(root, storage, tracking_uri, port, host, with_optuna, optuna_port,
 
     remote_ui = bool(tracking_uri and tracking_uri.startswith(("http://", "https://")))
     try:  # before the slow imports: a taken port fails at once
-        for wanted in ([] if remote_ui else [port]) + ([optuna_port] if with_optuna else []):
-            dash.check_port(host, wanted)
+        for wanted, option in ([] if remote_ui else [(port, "--port")]) + (
+                [(optuna_port, "--optuna-port")] if with_optuna else []):
+            dash.check_port(host, wanted, option)
     except dash.PortInUse as e:
         raise UserError(str(e)) from None
     from studies.store import rdb_url
 
     store = _store(root, storage, tracking_uri)
+    if not tracking_uri and not (store.root / "mlflow.db").exists():
+        click.echo(f"note: {store.root} holds no study store yet (a mistyped --root?); the dashboard starts on an "
+                   "empty one, and studies run with this --root appear as they start")
     servers = []
     if remote_ui:
         click.echo(f"MLflow UI: {tracking_uri}  (the tracking server is the dashboard)")

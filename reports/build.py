@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -31,18 +33,43 @@ def build_report(tables: tbl.Tables, out: Path, reference: str | None = None, so
 
     ``reference``: the variant label every other variant is compared with (default: the study file's
     ``reference``, else lstm, else the first variant). ``source``: the saved report the tables were
-    loaded from; its table files are copied byte for byte instead of being written again.
+    loaded from (``out`` itself is fine); its table files are copied byte for byte instead of being written
+    again. The report is written into a new folder beside ``out`` and its files then moved into ``out``, so
+    an interrupted build (Ctrl-C, a failed figure) leaves the previous report whole.
     """
     reference = reference or tables.reference
     if tables.variants and reference not in tables.variants:
         raise LookupError(f"reference variant {reference!r} is not in the study (variants: {', '.join(tables.variants)})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-building-", dir=out.parent))
+    try:
+        _write(tables, staging, reference, source)
+        _move_into(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / "index.html"
+
+
+def _move_into(staging: Path, out: Path) -> None:
+    """Move the built report's files into ``out`` (each replaced at once, index.html last) and delete the
+    figures of the previous report that this one no longer draws. Other files in ``out`` are left alone."""
+    built = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
+    for rel in sorted(built, key=lambda rel: rel.name == "index.html"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, out / rel)
+    kept = set(built)
+    for old in [*(out / "figures").glob("*.png"), *(out / "figures").glob("*.svg")]:
+        if old.relative_to(out) not in kept:
+            old.unlink()
+
+
+def _write(tables: tbl.Tables, out: Path, reference: str, source: Path | None) -> None:
     files = [f"{n}.{ext}" for n in tbl.TABLES for ext in ("parquet", "csv")]
     if source is None:
         tbl.save(tables, out)
         tables = tbl.read_frames(out, tables.collection)  # draw from what --from will read
-    elif Path(source).resolve() != out.resolve():
+    else:
         for f in files:
             shutil.copyfile(Path(source) / f, out / f)
 
@@ -77,9 +104,7 @@ def build_report(tables: tbl.Tables, out: Path, reference: str | None = None, so
     (out / tbl.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
     page = html.page(tables.study, tables.collection.get("study_file", ""), summ, vs, reference, figures,
                      manifest, tables.objective_metric, tables.direction, files + [tbl.MANIFEST])
-    index = out / "index.html"
-    index.write_text(page)
-    return index
+    (out / "index.html").write_text(page)
 
 
 def publish(client, study: str, out: Path) -> str:

@@ -94,7 +94,26 @@ def collect(client: MlflowClient, study: str, storage=None) -> Tables:
         "importance_method": IMPORTANCE_METHOD,
         "mlflow_run_ids": sorted(r.info.run_id for r in runs),
     }
+    stopped = stopped_cells(storage, results)
+    if stopped:  # only then: a report of a study without any keeps the manifest it had
+        tables.collection["stopped_cells"] = stopped
     return tables
+
+
+def stopped_cells(storage, results: pd.DataFrame) -> dict[str, str]:
+    """The cells the launcher stopped because their first trials failed alike: {cell key: why} (Optuna's
+    search study holds the mark; ``rnnbench run --retry-stopped`` clears it)."""
+    if storage is None or results.empty:
+        return {}
+    out = {}
+    for cell, g in results[results.kind == "search"].groupby("cell", sort=False):
+        try:
+            why = optuna.load_study(study_name=g.optuna_study.iloc[0], storage=storage).user_attrs.get("stopped")
+        except KeyError:
+            continue
+        if why is not None:
+            out[cell] = why
+    return out
 
 
 def machine() -> dict[str, object]:

@@ -36,16 +36,17 @@ class PortInUse(OSError):
     """Something already listens on the port a server was asked to use."""
 
 
-def check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int, option: str = "--port") -> None:
     """Raise :class:`PortInUse` if ``host:port`` cannot be bound now (as a server would bind it: with
-    SO_REUSEADDR, so a port left in TIME_WAIT by a stopped server counts as free)."""
+    SO_REUSEADDR, so a port left in TIME_WAIT by a stopped server counts as free); the message names the
+    command-line ``option`` that sets the port."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
             raise PortInUse(f"port {port} on {host} is already in use ({e.strerror}); stop what holds it or "
-                            "pass another --port") from None
+                            f"pass another {option}") from None
 
 
 @dataclass(frozen=True)

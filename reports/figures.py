@@ -401,14 +401,14 @@ class Painter:
     # --- 5. learning-rate sensitivity ----------------------------------------------------------------
     def lr_sensitivity(self, task: str) -> Figure | str:
         res = self.t.results
-        why = "the learning rate was not searched (a single value)"
         if "param.lr" not in res:
-            return why
+            return "the learning rate was not searched (a single value)"
         data = res[(res.task == task) & (res.kind == "search") & (res.state == "COMPLETE")].copy()
         data["lr"] = pd.to_numeric(data["param.lr"], errors="coerce")
         data = data[np.isfinite(pd.to_numeric(data.objective, errors="coerce")) & data.lr.notna()]
         if data.lr.nunique() < 2:
-            return why
+            return ("the learning rate was not searched (a single value)" if res["param.lr"].nunique() < 2 else
+                    f"fewer than two complete search trials with distinct learning rates ({len(data)} complete)")
         values, ladder = self.values(task), self.ladder(task)
         fig, axes = self.panels(len(values))
         drawn: set[str] = set()
@@ -489,8 +489,6 @@ KINDS = ("objective", "difficulty", "capacity", "learning", "importance", "lr_se
 def draw_all(tables: Tables, cells: pd.DataFrame, folder: Path) -> dict[str, list[tuple[str, Figure | str]]]:
     """Every figure of every task: {task: [(kind, Figure or the sentence saying why it is not drawn)]}."""
     folder.mkdir(parents=True, exist_ok=True)
-    for old in [*folder.glob("*.png"), *folder.glob("*.svg")]:
-        old.unlink()
     out = {}
     with style():
         painter = Painter(tables, cells, folder)

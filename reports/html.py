@@ -37,8 +37,10 @@ def _table(df: pd.DataFrame, row_class=None) -> str:
 
 def interval(mean, low, high, n) -> str:
     """'0.12 [0.1, 0.14], n = 3': a mean, its 95% t interval and n, always together."""
-    if not n or n != n:
+    if n != n:
         return ""
+    if not n:
+        return "n = 0"
     if n == 1:
         return f"{_num(mean)} (n = 1, no interval)"
     return f"{_num(mean)} [{_num(low)}, {_num(high)}], n = {int(n)}"
@@ -133,10 +135,21 @@ def page(study: str, study_file: str, summ: pd.DataFrame, vs: pd.DataFrame, refe
         parts.append("<p>No trial has run yet.</p>")
     else:
         parts.append(_table(summary_view(summ, metric)))
+    stopped = manifest["collection"].get("stopped_cells", {})
+    if stopped:
+        parts.append("<p><b>Stopped cells</b> (their first search trials all failed with the same error; they ran "
+                     "no more trials, and their queued ones were closed as interrupted; fix the cause, then "
+                     "<code>rnnbench run STUDY --retry-stopped</code>):</p><ul>"
+                     + "".join(f"<li>{e(cell)}: {e(why)}</li>" for cell, why in stopped.items()) + "</ul>")
     parts += [f"<h2 id='stats'>Each variant against the reference ({e(reference)})</h2>",
               "<p>Bold and * : significant by the primary test, Welch's t-test, after Holm correction over "
               "every comparison of the study (the only test). diff = mean(variant) − "
               f"mean({e(reference)}); 'better'/'worse' follow the objective's direction.</p>"]
+    if len(vs) and not (vs.n_ref > 0).any():
+        with_runs = list(dict.fromkeys(summ.variant[summ.n > 0])) if "n" in summ else []
+        parts.append(f"<p><b>The reference variant {e(reference)} has no run with a finite objective, so nothing "
+                     "is compared.</b> <code>rnnbench report --reference VARIANT</code> compares with another"
+                     + (f" (with runs: {e(', '.join(with_runs))})" if with_runs else "") + ".</p>")
     parts.append(_table(stats_view(vs), ["sig" if s else "" for s in vs.significant]) if len(vs)
                  else "<p>No comparison: a single variant, or no aggregated runs.</p>")
     parts.append("<h2 id='figures'>Figures</h2>")

@@ -47,7 +47,7 @@ def policy(unit: str, objective_metric: str, direction: str) -> dict[str, str]:
     """The aggregation policy, in words, for the report page and the manifest."""
     units = {"replicate": "the replicate runs of each cell's current best search trial (its configuration "
                           "retrained with fresh seeds)",
-             "search": "the COMPLETE search trials of each cell (the study ran no replicate runs)"}
+             "search": "the COMPLETE search trials of each cell (the logs hold no replicate runs)"}
     return {
         "objective": f"final held-out eval value of the objective metric {objective_metric!r} of each run "
                      f"({direction})",
@@ -206,6 +206,7 @@ def summary(tables: Tables) -> pd.DataFrame:
         out["superseded"] = results[results.superseded.astype(bool)].groupby(cell).size()
         out["superseded"] = out.superseded.fillna(0).astype(int)
     out = out.join(cell_stats(selected_runs(results)).set_index(cell), how="outer")
+    out[["n", "solved", "runs"]] = out[["n", "solved", "runs"]].fillna(0).astype(int)  # a cell with no runs: 0
     firsts = results.groupby(cell, sort=False)
     for col, name in (("ladder", "ladder"), ("capacity", "capacity"), ("metric.baseline", "baseline"),
                       ("solved_threshold", "solved_threshold"), ("solved_rule", "solved_rule")):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -114,12 +115,18 @@ def watch(regenerate: Callable[[], Path], host: str = "127.0.0.1", port: int = 8
     Raises :class:`PortInUse` at once if the port is taken.
     """
     page = LivePage(host, port, interval)
+    stop, saved = threading.Event(), None
+
+    def interrupt(signum, frame):  # noted too: Python drops a KeyboardInterrupt raised inside a finalizer
+        stop.set()
+        raise KeyboardInterrupt
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, interrupt) if main else None
     try:
         if not answers(page.url):
             raise RuntimeError(f"the live page's server at {page.url} does not answer")
         echo(f"live report: {page.url}  (regenerated every {interval:g} s; Ctrl-C to stop)")
-        saved = None
-        while True:
+        while not stop.is_set():
             started = time.monotonic()
             try:
                 saved = regenerate()
@@ -132,9 +139,12 @@ def watch(regenerate: Callable[[], Path], host: str = "127.0.0.1", port: int = 8
             else:
                 page.publish(saved.parent)
                 echo(f"[{time.strftime('%H:%M:%S')}] report regenerated in {time.monotonic() - started:.1f} s")
-            time.sleep(interval)
+            stop.wait(max(0.0, interval - (time.monotonic() - started)))  # every interval s, from start to start
     except KeyboardInterrupt:
-        echo("stopped" + (f"; the last report is in {saved.parent}" if saved else ""))
+        pass
     finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
         page.stop()
+    echo("stopped" + (f"; the last report is in {saved.parent}" if saved else ""))
     return 0

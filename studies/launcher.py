@@ -173,6 +173,10 @@ def _stop(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _ignore(signum, frame):
+    pass
+
+
 def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers: int = 1, threads: int = 1,
               stale_after: float = 900.0, on_progress=None, poll: float = 1.0, device: str = "auto",
               retry_stopped: bool = False) -> list[queue.CellProgress]:
@@ -231,6 +235,9 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
             time.sleep(poll)
         return finish(spec, storage, client, exp_id)
     finally:
+        # A second Ctrl-C (or the SIGTERM a process group gets with it) must not cut the workers' closing short
+        interrupt = signal.signal(signal.SIGINT, _ignore)  # not SIG_IGN: Python raises an OSError for a
+        signal.signal(signal.SIGTERM, _ignore)              # signal already pending then
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -240,4 +247,5 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
             except subprocess.TimeoutExpired:
                 p.kill()
         os.close(lock_fd)
+        signal.signal(signal.SIGINT, interrupt)
         signal.signal(signal.SIGTERM, previous)

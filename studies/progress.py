@@ -96,8 +96,10 @@ class Display:
         first = self.reported is None
         self.reported = (self.reported or set()) | {(r.cell.key, kind, t.number) for r, kind, t in new}
         if first:  # a resumed study: what ended before this run is in `rnnbench status`, not repeated here
+            again = sum("interrupted" in t.user_attrs for _, _, t in new)
             if new:
-                self._print(f"{len(new)} trials had ended before this run")
+                self._print(f"{len(new)} trials had ended before this run"
+                            + (f" ({again} interrupted: their slots run again)" if again else ""))
             return
         width = max((len(r.cell.key) for r in rows), default=0)
         for r, kind, t in sorted(new, key=lambda x: _ended_at(x[2])):

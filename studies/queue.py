@@ -57,9 +57,10 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 
 from studies.crash import crash_point
-from studies.spec import Cell, Spec, cell_fingerprint, cells
+from studies.spec import Cell, Spec, cell_fingerprint, cell_imports, cells
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # QMCSampler
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "[I ...] A new study created" line per cell
 
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 LIVE = (TrialState.WAITING, TrialState.RUNNING)
@@ -452,14 +453,18 @@ def check_fingerprints(spec: Spec, storage, action: str = "give workers the laun
     prepared = True
     for cell in cells(spec):
         try:
-            stored = open_study(storage, optuna_name(spec, cell, "search")).user_attrs.get("fingerprint")
+            attrs = open_study(storage, optuna_name(spec, cell, "search")).user_attrs
         except KeyError:
             prepared = False
             continue
+        stored = attrs.get("fingerprint")
         if stored is not None and stored != cell_fingerprint(spec, cell):
-            raise StudyChanged(
-                f"study {spec.name!r}, cell {cell.key}: the study file changed this cell's definition (search "
-                f"space, budget, model, sampler, objective or seed) since the study was prepared; {action}")
+            then, now = attrs.get("imports"), cell_imports(spec, cell)
+            edited = sorted(k for k in {*(then or {}), *now} if (then or {}).get(k) != now.get(k))
+            why = (f"{', '.join(edited)} (imported by the study file) changed" if then is not None and edited else
+                   "the study file changed this cell's definition (search space, budget, model, sampler, objective "
+                   "or seed, or a module it imports)")
+            raise StudyChanged(f"study {spec.name!r}, cell {cell.key}: {why} since the study was prepared; {action}")
     return prepared
 
 
@@ -486,6 +491,7 @@ def prepare_studies(spec: Spec, storage) -> dict[str, str | None]:
             study = optuna.create_study(storage=storage, study_name=optuna_name(spec, cell, kind),
                                         direction=spec.objective.direction, load_if_exists=True)
             if "fingerprint" not in study.user_attrs:
+                study.set_user_attr("imports", cell_imports(spec, cell))  # to name an edited module later
                 study.set_user_attr("fingerprint", cell_fingerprint(spec, cell))
             if kind == "search":
                 parents[cell.key] = study.user_attrs.get("mlflow_parent_run_id")

@@ -392,13 +392,13 @@ def cell_fingerprint(spec: Spec, cell: Cell) -> str:
         if payload["train"][name] == Train.model_fields[name].default:
             del payload["train"][name]
     del payload["train"]["population"]  # how replicates are executed, not what they compute
-    imports = _cell_imports(spec, cell)
+    imports = cell_imports(spec, cell)
     if imports:  # an edited cell or task is a changed cell
         payload["imports"] = imports
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _cell_imports(spec: Spec, cell: Cell) -> dict[str, str]:
+def cell_imports(spec: Spec, cell: Cell) -> dict[str, str]:
     """The imported modules a cell depends on, with their SHA-256: the one defining its variant or task;
     and every one defining neither a variant nor a task of the study (a helper: it may touch anything).
     So editing ``mingru.py`` changes the mingru cells only, and adding an import extends a study."""
@@ -774,13 +774,24 @@ def _task_entry(i: int, entry: dict) -> tuple[str, dict[str, Any]]:
 
 
 def _check_objective(spec: Spec, tasks: list[Task]) -> None:
-    """The objective must be a metric every task reports: each task's metrics are evaluated once, on a
-    two-sequence batch with a random output, to learn their names."""
+    """The objective must be a metric every task reports: each task draws a two-sequence batch and scores a
+    random output once (loss and metrics, as a trial does), to learn the metrics' names. A task that raises
+    there (a user's, most likely) stops the study at load with its error, not every trial."""
     import torch
     metric = spec.objective.metric
     for task in tasks:
-        batch = task.sample(2, torch.Generator().manual_seed(0))
-        reported = list(task.metrics(torch.randn(*batch.x.shape[:2], task.output_size), batch))
+        try:
+            batch = task.sample(2, torch.Generator().manual_seed(0))
+            out = torch.randn(*batch.x.shape[:2], task.output_size)
+            task.loss(out, batch)
+            reported = list(task.metrics(out, batch))
+        except Exception as e:  # noqa: BLE001 - the task's code: any error is the message
+            i = next(i for i, entry in enumerate(spec.tasks) if entry.get("task") == task.name)
+            text = str(e).strip().splitlines()
+            described = ", ".join(f"{k}={v}" for k, v in task.settings().items())
+            raise SpecError(f"tasks[{i}]: task {task.name!r} ({described}) fails on a two-sequence batch: "
+                            f"{type(e).__name__}" + (f": {text[0]}" if text else "")
+                            + f"; `rnnbench check task {task.name}` runs every check") from e
         if metric not in reported:
             raise SpecError(f"objective.metric: task {task.name!r} does not report {metric!r}; "
                             f"it reports: {', '.join(reported)}")

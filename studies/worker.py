@@ -37,8 +37,6 @@ from studies.training import (Divergence, TrainConfig, batch_to, device_name, gr
                               resolve_device, train)
 from variants import count_parameters
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
 GRAD_PROBE_SIZE = 64  # sequences in the gradient-by-lag probe of replicate runs
 
 
@@ -136,8 +134,13 @@ class Worker:
         slots and replicate runs, reap dead workers' trials; safe with any number of processes doing
         it at once, see ``studies.queue``), so a study goes on while its launcher is down. The first to
         see the study done closes the cells' parent runs if no launcher has."""
+        waited = False
         while not (self.prepared() and queue.check_fingerprints(self.spec, self.storage)):
             self.check_launcher()
+            if not waited:
+                print(f"waiting for study {self.spec.name!r} to be prepared in {self.store.tracking_uri} "
+                      "(by `rnnbench run` with the same study file, store and --set)", flush=True)
+                waited = True
             time.sleep(poll)  # a worker on another machine may start before the launcher
         ran, idle = 0, 0
         while True:
@@ -154,9 +157,10 @@ class Worker:
                     finish(self.spec, self.storage, self.client, self.exp_id, only_running=True)
                 return ran
             if self.launcher is None and idle % 10 == 0:
-                reap(self.spec, self.storage, self.client, self.exp_id, self.stale_after)
-                rows = stop_failing(self.spec, self.storage, queue.progress(self.spec, self.storage))
-                top_up(self.spec, self.storage, rows)
+                with self.bookkeeping():
+                    reap(self.spec, self.storage, self.client, self.exp_id, self.stale_after)
+                    rows = stop_failing(self.spec, self.storage, queue.progress(self.spec, self.storage))
+                    top_up(self.spec, self.storage, rows)
             idle += 1
             time.sleep(poll)
 
@@ -187,12 +191,19 @@ class Worker:
 
     @contextmanager
     def bookkeeping(self):
-        """Count the time spent talking to Optuna and MLflow (logged per run as bookkeeping_seconds)."""
+        """Talk to Optuna and MLflow: the time is counted (logged per run as bookkeeping_seconds), and a stop
+        signal arriving meanwhile takes effect when the talk is done (:func:`_stop`): cut short, it could leave
+        the Optuna journal's lock taken, or a write half done."""
         start = time.perf_counter()
+        _SHIELD["depth"] += 1
         try:
             yield
         finally:
+            _SHIELD["depth"] -= 1
             self.bookkeeping_seconds += time.perf_counter() - start
+            if not _SHIELD["depth"] and _SHIELD["pending"] is not None:
+                signum, _SHIELD["pending"] = _SHIELD["pending"], None
+                raise KeyboardInterrupt(f"signal {signum}")
 
     def run_trial(self, cell: Cell, kind: str, study: optuna.Study, frozen) -> int:
         """Run a claimed trial and close it in Optuna and MLflow, whatever happens inside; a replicate
@@ -388,8 +399,9 @@ class Worker:
             self._end(job, TrialState.PRUNED, tags={"rnnbench.pruned": str(outcome)})
         else:
             message = f"{type(outcome).__name__}: {outcome}".splitlines()[0][:4000]
-            queue.set_attr(self.storage, queue.trial_id(job.frozen), "error", message)
-            self.client.log_text(job.run_id, "".join(traceback.format_exception(outcome)), "error.txt")
+            with self.bookkeeping():
+                queue.set_attr(self.storage, queue.trial_id(job.frozen), "error", message)
+                self.client.log_text(job.run_id, "".join(traceback.format_exception(outcome)), "error.txt")
             self._end(job, TrialState.FAIL, tags={"rnnbench.error": message})
 
     def _end(self, job: Job, state, value=None, tags=None):
@@ -413,8 +425,24 @@ def lost_store(error: BaseException) -> bool:
     return isinstance(error, MlflowException) and ("Max retries exceeded" in text or "Connection" in text)
 
 
+_SHIELD = {"depth": 0, "pending": None}  # Worker.bookkeeping's nesting, and a stop signal it holds back
+
+
 def _stop(signum, frame):
+    """Stop at the first SIGTERM or SIGINT (KeyboardInterrupt: the trial in hand is closed as interrupted), at
+    once, or inside ``Worker.bookkeeping`` when the store call is done; ignore the signals after it: Ctrl-C
+    (SIGINT to the process group) or ``timeout`` (SIGTERM to it) is followed by the launcher's own SIGTERM,
+    which must not cut short the closing of the trial in hand."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, _ignore)  # not SIG_IGN: Python raises an OSError for a signal already pending then
+    if _SHIELD["depth"]:
+        _SHIELD["pending"] = signum
+        return
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _ignore(signum, frame):
+    pass
 
 
 def _die_with_launcher(launcher: int) -> None:
@@ -431,7 +459,8 @@ def _die_with_launcher(launcher: int) -> None:
 def run_worker(spec: Spec, spec_sha: str, store: Store, threads: int = 1, poll: float = 1.0,
                stale_after: float = 900.0, device: str = "auto", worker_id: str | None = None) -> int:
     """A worker process's life: run trials until the study is done; on SIGTERM close the trial in hand."""
-    signal.signal(signal.SIGTERM, _stop)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, _stop)
     launcher = int(os.environ.get(LAUNCHER_PID, 0))
     if launcher:
         _die_with_launcher(launcher)

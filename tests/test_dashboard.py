@@ -113,6 +113,17 @@ def test_a_taken_port_fails_at_once_in_one_line(tmp_path, command):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_taken_optuna_port_names_its_own_option(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = rnnbench("dashboard", "--root", tmp_path / "runs", "--port", free_port(), "--optuna",
+                        "--optuna-port", port, check=False, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.endswith("stop what holds it or pass another --optuna-port\n"), \
+        proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.browser
 @needs_chromium

@@ -107,6 +107,55 @@ def test_kill_9_mid_trial_then_resume(tmp_path):
                 and "rnnbench.interrupted" not in r.data.tags]) == 2
 
 
+STOP = """\
+name: stopme
+seed: 1
+tasks: [{task: adding, seq_len: 20}]
+variants: [rnn, gru]
+model: {hidden_size: 16}
+train: {steps: 100000, eval_every: 5, eval_size: 32, batch_size: 8, population: off}
+trials: 2
+replicates: 0
+pruner: none
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_a_two_worker_run_closes_every_trial_in_hand(tmp_path, sig):
+    """Ctrl-C in a terminal (SIGINT to the whole process group) or `timeout` (SIGTERM to it): each worker
+    gets that signal and then the launcher's SIGTERM, while it closes its trial; nothing is left RUNNING."""
+    spec_path, root = write_spec(tmp_path, STOP), tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "rnnbench", "run", str(spec_path), "--root", str(root),
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # both workers mid-trial, each with its MLflow run
+            time.sleep(0.5)
+            try:
+                running = [t for v in trials_of(root, spec_path).values() for t in v
+                           if t.state == TrialState.RUNNING and t.intermediate_values]
+            except (KeyError, FileNotFoundError):
+                continue
+            if len(running) == 2:
+                break
+        else:
+            pytest.fail("the two workers never had a trial each")
+        os.killpg(proc.pid, sig)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "stopped: the trials in hand were closed as interrupted" in out, out
+    logs = "".join(p.read_text() for p in (root / "logs").glob("worker-*.log"))
+    assert "Traceback" not in logs, logs
+    ts = [t for v in trials_of(root, spec_path).values() for t in v]
+    assert not [t for t in ts if t.state == TrialState.RUNNING]
+    assert len([t for t in ts if "interrupted" in t.user_attrs]) == 2
+    assert not [r for r in trial_runs(root, "stopme") if r.info.status == "RUNNING"]
+
+
 def test_divergence_fails_one_trial_not_the_study(tmp_path):
     spec_path = write_spec(tmp_path, """\
         name: broken

@@ -132,6 +132,27 @@ def test_from_regenerates_byte_identical_without_mlflow(report, tmp_path):
     assert not (tmp_path / "no-store").exists()
 
 
+def test_an_interrupted_rebuild_leaves_the_previous_report_whole(report, tmp_path, monkeypatch):
+    out, _ = report
+    copy = tmp_path / "report"
+    shutil.copytree(out, copy)
+    before = _hashes(copy)
+    from reports import figures
+    drawn = []
+
+    def interrupted(self, task):  # Ctrl-C in the middle of the figures, after some were drawn
+        drawn.append(task)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(figures.Painter, "difficulty", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(saved.load(copy), copy, source=copy)
+    assert drawn and _hashes(copy) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # nothing left beside it
+    monkeypatch.undo()
+    build_report(saved.load(copy), copy, source=copy)  # in place, as `report --from F` without --out
+    assert _hashes(copy) == before
+
+
 def test_reference_option_and_user_errors(report, tmp_path):
     out, _ = report
     vs = versus_reference(saved.load(out), "rnn")

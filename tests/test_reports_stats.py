@@ -218,6 +218,44 @@ def test_superseded_runs_are_counted_on_the_page_and_left_out_of_statistics(tmp_
     assert pd.read_csv(tmp_path / "summary.csv").superseded.tolist() == [0, 0, 3, 0, 0, 3]
 
 
+def test_a_reference_without_runs_and_a_search_that_never_completed_are_said_plainly(tmp_path):
+    t = synthetic(n=2, replicates=False, tasks=("adding",))
+    res = t.results
+    lost = res.variant == "lstm"  # the reference: every search trial failed
+    res.loc[lost, "state"], res.loc[lost, "objective"] = "FAIL", np.nan
+    page = build_report(t, tmp_path).read_text()
+    assert "The reference variant lstm has no run with a finite objective, so nothing is compared" in page
+    assert "(with runs: twin, bad)" in page  # study-file order
+    summ = pd.read_csv(tmp_path / "summary.csv").set_index(["variant", "ladder_value"])
+    assert summ.loc[("lstm", 10), ["n", "solved", "runs"]].tolist() == [0, 0, 0]  # no COMPLETE search trial
+    assert page.count("<td>0/0</td><td>n = 0</td>") == 2  # at a glance, both lengths
+    assert "the logs hold no replicate runs" in page
+    # every search trial of the study failed: lr was searched, yet there is nothing to draw
+    res["state"], res["objective"] = "FAIL", np.nan
+    page = build_report(t, tmp_path).read_text()
+    assert "No lr sensitivity figure: fewer than two complete search trials with distinct learning rates" in page
+    assert "was not searched" not in page
+
+
+def test_stopped_cells_are_collected_from_optuna_and_listed_on_the_page(tmp_path):
+    import optuna
+    storage = optuna.storages.InMemoryStorage()
+    for name, why in (("a-search", "RuntimeError: boom"), ("b-search", None)):
+        study = optuna.create_study(study_name=name, storage=storage)
+        if why:
+            study.set_user_attr("stopped", why)
+    results = pd.DataFrame({"cell": ["adding(seq_len=10)/bad", "adding(seq_len=10)/lstm"], "kind": "search",
+                            "optuna_study": ["a-search", "b-search"]})
+    assert collect.stopped_cells(storage, results) == {"adding(seq_len=10)/bad": "RuntimeError: boom"}
+    assert collect.stopped_cells(None, results) == {}
+    t = synthetic(n=2, tasks=("adding",))
+    t.collection["stopped_cells"] = {"adding(seq_len=10)/bad": "RuntimeError: boom"}
+    page = build_report(t, tmp_path).read_text()
+    assert "<b>Stopped cells</b>" in page and "<li>adding(seq_len=10)/bad: RuntimeError: boom</li>" in page
+    t.collection.pop("stopped_cells")
+    assert "Stopped cells" not in build_report(t, tmp_path).read_text()
+
+
 # --- collection from MLflow and Optuna (fakes of the client's few calls) ----------------------------
 
 def fake_run(run_id, kind, trial, objective, source=None, status="FINISHED"):

@@ -202,3 +202,7 @@ def test_status_checks_in_full_what_the_store_does_not_hold(tmp_path):
     assert "variants[1]: unknown variant 'lstn'" in output
     output, code, torch = status_in_process(path, "--root", root, "--set", "variants=[rnn, lstm, gru]")
     assert code == 0 and torch and "adding(seq_len=8)/gru" in output, output
+    # a cell the store holds, defined otherwise (another --set than the run's): refused, as a worker is
+    output, code, _ = status_in_process(path, "--root", root, "--set", "train.steps=7")
+    assert code == 2 and "the study file changed this cell's definition" in output and "give `status` the study " \
+        "file and --set the study was run with" in output, output

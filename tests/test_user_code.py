@@ -9,6 +9,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import yaml
@@ -81,6 +82,22 @@ def test_editing_an_imported_cell_changes_its_cells_only(tmp_path, registries):
     assert before[0] != after[0] and before[1] == after[1]
 
 
+def test_a_study_whose_imported_cell_was_edited_is_refused_naming_the_file(tmp_path, registries):
+    from studies import queue
+    (tmp_path / "my_cell_ed.py").write_text((EXAMPLES / "mingru.py").read_text().replace('"mingru"', '"my_cell_ed"'))
+    study = tmp_path / "s.yaml"
+    study.write_text("name: t\nimports: [my_cell_ed.py]\ntasks: [{task: adding, seq_len: 8}]\n"
+                     "variants: [lstm, my_cell_ed]\n")
+    storage = optuna.storages.InMemoryStorage()
+    queue.prepare_studies(specs.load(study)[0], storage)
+    assert queue.check_fingerprints(specs.load(study)[0], storage)  # unchanged: prepared as defined
+    (tmp_path / "my_cell_ed.py").write_text((tmp_path / "my_cell_ed.py").read_text() + "\n# edited\n")
+    with pytest.raises(queue.StudyChanged) as e:
+        queue.check_fingerprints(specs.load(study)[0], storage)
+    assert str(e.value).startswith("study 't', cell adding(seq_len=8)/my_cell_ed: my_cell_ed.py (imported by the "
+                                   "study file) changed since the study was prepared"), str(e.value)
+
+
 BROKEN = {
     "import_fails": ("broken_cell.py", "import variants\nraise RuntimeError('needs a GPU')\n", "[broken_cell, lstm]",
                      "imports: broken_cell.py: RuntimeError: needs a GPU"),
@@ -103,6 +120,10 @@ BROKEN = {
         """), "[raising_cell, lstm]",
         "variants[0]: variant 'raising_cell' fails on a (2, 8, 2) batch with hidden_size=64: "
         "RuntimeError: shapes do not match"),
+    "task_raises": ("bad_task.py", (EXAMPLES / "delayed_xor.py").read_text().replace('"delayed_xor"', '"bad_task"')
+                    .replace("        k = self.lag\n", "        raise RuntimeError('sample broke')\n", 1), "[lstm]",
+                    "tasks[0]: task 'bad_task' (seq_len=8, lag=2, p_one=0.5) fails on a two-sequence batch: "
+                    "RuntimeError: sample broke; `rnnbench check task bad_task` runs every check"),
 }
 
 
@@ -111,7 +132,8 @@ def broken_study(tmp_path: Path, case: str) -> Path:
     (tmp_path / module).write_text(source)
     imported = "broken_cell.py" if case == "missing_file" else module
     path = tmp_path / f"{case}.yaml"
-    path.write_text(f"name: t\nimports: [{imported}]\ntasks: [{{task: adding, seq_len: 8}}]\nvariants: {variants_}\n")
+    task = "{task: bad_task, seq_len: 8, lag: 2}" if case == "task_raises" else "{task: adding, seq_len: 8}"
+    path.write_text(f"name: t\nimports: [{imported}]\ntasks: [{task}]\nvariants: {variants_}\n")
     return path
 
 
@@ -127,7 +149,7 @@ def test_user_code_errors_are_one_line_at_load(tmp_path, registries, case):
 
 
 def test_cli_refuses_broken_user_code_and_writes_nothing(tmp_path):
-    for case in ("import_fails", "raises_in_forward"):
+    for case in ("import_fails", "raises_in_forward", "task_raises"):
         path = broken_study(tmp_path, case)
         proc = rnnbench("run", path, "--root", tmp_path / "runs", check=False)
         stderr = proc.stderr.strip()
