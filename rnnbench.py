@@ -52,9 +52,9 @@ def _user_error_types() -> tuple[type[Exception], ...]:
     from studies.launcher import WorkersDying
     from studies.queue import StudyChanged
     from studies.spec import SpecError
-    from studies.store import RootBusy, StoreUnavailable
+    from studies.store import RootBusy, StoreUnavailable, StoreURLError
     from tasks import TaskSettingError
-    return SpecError, StudyChanged, RootBusy, StoreUnavailable, WorkersDying, TaskSettingError
+    return SpecError, StudyChanged, RootBusy, StoreUnavailable, StoreURLError, WorkersDying, TaskSettingError
 
 
 def user_errors(fn):
@@ -598,20 +598,23 @@ def _check(kind, name, values, imports):
 @click.option("--population", is_flag=True,
               help="Instead: training steps of populations of 1-32 replicates against sequential runs "
                    "(B=64, T=100, hidden 32/64/128, --threads; more knobs: benchmarks/population.py).")
-@click.option("--device", default="cpu", show_default=True, help="With --population: cpu, cuda or auto.")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda[:N] or auto (on CUDA, nn.LSTM is cuDNN's).")
 def bench(names, batch, hidden, seq_len, input_size, threads, repeats, population, device):
     """Forward and backward milliseconds per batch of every variant, and the ratio to torch.nn.LSTM
     measured in the same run (medians after warm-up)."""
+    from studies.training import device_name
+
+    where = _device(device)
     if population:
         from studies.population import benchmark_population, format_population_table
-        from studies.training import device_name, resolve_device
 
-        try:
-            where = resolve_device(device)
-        except (ValueError, RuntimeError) as e:
-            raise UserError(f"--device: {e}") from None
+        if names or (batch, hidden, seq_len, input_size) != (64, 128, 200, 32):
+            raise UserError("--population times fixed shapes (B=64, T=100, hidden 32/64/128, every family): "
+                            "for --variants, --batch, --hidden, --seq-len or --input-size use "
+                            "benchmarks/population.py (--families, --hidden, --batch, --seq-len, --sizes)")
         click.echo(f"population vs sequential: B=64 T=100 device={device_name(where)} threads={threads}")
-        rows = benchmark_population(device=str(where), threads=threads, repeats=min(repeats, 3))
+        rows = benchmark_population(device=where, threads=threads, repeats=min(repeats, 3))
         click.echo(format_population_table(rows))
         return
     from variants import VARIANTS
@@ -620,9 +623,10 @@ def bench(names, batch, hidden, seq_len, input_size, threads, repeats, populatio
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise UserError(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    click.echo(f"B={batch} H={hidden} T={seq_len} input={input_size} threads={threads}, median of {repeats}")
+    click.echo(f"B={batch} H={hidden} T={seq_len} input={input_size} threads={threads} device={device_name(where)}, "
+               f"median of {repeats}")
     rows = benchmark(list(names) or None, batch=batch, hidden=hidden, seq_len=seq_len, threads=threads,
-                     input_size=input_size, repeats=repeats)
+                     input_size=input_size, repeats=repeats, device=where)
     click.echo(format_table(rows))
 
 

@@ -27,24 +27,36 @@ from studies.training import device_name, resolve_device  # noqa: E402
 GROUPS = {"lstm-family": ["peephole", "cifg", "nig", "nfg", "nog", "niaf", "noaf", "fgr"], "all": list(BENCH_FAMILIES)}
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", nargs="*", default=None, choices=list(BENCH_FAMILIES) + list(GROUPS),
                     help=f"default: {' '.join(DEFAULT_BENCH_FAMILIES)}; lstm-family: the custom LSTM loops "
                          f"({' '.join(GROUPS['lstm-family'])}); all")
-    ap.add_argument("--hidden", nargs="*", type=int, default=[32, 64, 128])
-    ap.add_argument("--sizes", nargs="*", type=int, default=[1, 4, 8, 16, 32])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=100)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hidden", nargs="*", type=_positive, default=[32, 64, 128])
+    ap.add_argument("--sizes", nargs="*", type=_positive, default=[1, 4, 8, 16, 32])
+    ap.add_argument("--batch", type=_positive, default=64)
+    ap.add_argument("--seq-len", type=_positive, default=100)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    ap.add_argument("--threads", type=_positive, default=1)
+    ap.add_argument("--repeats", type=_positive, default=3)
     ap.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto")
     a = ap.parse_args(argv)
     families = None
     if a.families:
         families = [f for name in a.families for f in GROUPS.get(name, [name])]
-    device = resolve_device(a.device)
+    try:
+        device = resolve_device(a.device)
+    except ValueError as e:
+        ap.error(f"--device: {e}")
+    if not (a.hidden and a.sizes):
+        ap.error("--hidden and --sizes need at least one value")
     print(f"population vs sequential: B={a.batch} T={a.seq_len} device={device_name(device)} threads={a.threads}, "
           f"{a.repeats} rounds round-robin after warm-up", flush=True)
     rows = benchmark_population(families, a.hidden, a.sizes, a.batch, a.seq_len, str(device), a.threads,

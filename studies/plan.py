@@ -357,7 +357,8 @@ def format_plan(plan: Plan) -> str:
     for c in plan.cells:
         hidden = str(c.hidden[0]) if c.hidden[0] == c.hidden[1] else f"{c.hidden[0]}-{c.hidden[1]}"
         params = f"{c.params[0]:,}" if c.params[0] == c.params[1] else f"{c.params[0]:,}-{c.params[1]:,}"
-        together = f"{c.search_group}+{c.replicate_group}" if c.search_group + c.replicate_group > 2 else "-"
+        replicate_group = c.replicate_group if c.replicates else 0  # no replicates: no population of them
+        together = f"{c.search_group}+{replicate_group}" if max(c.search_group, replicate_group) > 1 else "-"
         rows.append((c.cell.key, hidden, params, f"{c.trials}+{c.replicates}", together,
                      f"{1000 * c.step_seconds:.1f}", f"{c.search_seconds:.1f}",
                      f"{c.replicate_seconds:.1f}" if c.replicates else "-"))
@@ -372,7 +373,7 @@ def format_plan(plan: Plan) -> str:
               f"calibrated {plan.calibrated} configuration(s) now, the rest from {plan.cache}; per run "
               f"+{RUN_OVERHEAD} s; per study +{START_FACTOR:g} x {plan.start_seconds:.1f} s (engine start, "
               f"measured now) +{CELL_OVERHEAD} s per cell; parallel gain {PARALLEL_GAIN} per extra worker"]
-    if any(c.search_group + c.replicate_group > 2 for c in plan.cells):
+    if any(max(c.search_group, c.replicate_group if c.replicates else 0) > 1 for c in plan.cells):
         lines.append("together: search trials + replicate runs a worker trains as one population "
                      "(train.population), timed as one; s/trial and s/replicate are a run's share")
     return "\n".join(lines)

@@ -59,6 +59,10 @@ class StoreUnavailable(RuntimeError):
     """The Optuna database did not answer for ``OUTAGE_SECONDS``."""
 
 
+class StoreURLError(ValueError):
+    """A ``--storage`` that SQLAlchemy cannot read as a database URL."""
+
+
 # A server that answers and refuses the login or names no such database: waiting will not help.
 _REFUSED = ("authentication failed", "no password supplied", "pg_hba.conf", "does not exist")
 
@@ -167,6 +171,13 @@ class Store:
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root).resolve())
+        if self.storage_url:
+            try:
+                sqlalchemy.engine.make_url(rdb_url(self.storage_url)).get_dialect()
+            except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as e:
+                raise StoreURLError(f"--storage {self.storage_url!r} is not a database URL such as "
+                                    f"postgresql://user@host/db ({e}); the embedded store under --root needs "
+                                    "no --storage") from None
 
     @property
     def tracking_uri(self) -> str:

@@ -97,3 +97,13 @@ def test_runs_trained_together_are_planned_as_one_population_job(tmp_path, monke
     assert rnn.search_seconds == pytest.approx(40 * 0.01 / 2 + RUN_OVERHEAD if together else run_alone)
     assert plan.seconds == pytest.approx(2 * CELL_OVERHEAD + 4 * rnn.search_seconds + 4 * run_alone)
     assert ("together: " in plans.format_plan(plan)) == together
+
+
+def test_bench_options_it_cannot_honour_are_one_line_errors():
+    from click.testing import CliRunner
+
+    from rnnbench import cli
+    for args, said in ((["--device", "meta"], "error: --device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
+                       (["--population", "--hidden", "64"], "error: --population times fixed shapes")):
+        result = CliRunner().invoke(cli, ["bench", *args])
+        assert result.exit_code == 2 and result.output.startswith(said), result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy
 
+from conftest import rnnbench
 from studies import store
 
 
@@ -51,3 +52,12 @@ def test_an_outage_longer_than_the_limit_ends_in_one_line(monkeypatch):
     with pytest.raises(store.StoreUnavailable, match="did not answer for"):
         flaky.call()
     assert flaky.calls < 10
+
+
+@pytest.mark.parametrize("url", ["/tmp/runs/optuna.journal", "bogus://host/db"])
+def test_a_storage_that_is_no_database_url_is_one_line(tmp_path, url):
+    with pytest.raises(store.StoreURLError, match="is not a database URL such as postgresql://user@host/db"):
+        store.Store(tmp_path, url)
+    proc = rnnbench("worker", "quickstart", "--root", tmp_path / "runs", "--storage", url, check=False, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: --storage"), \
+        proc.stderr

@@ -94,6 +94,9 @@ def test_resolve_device_and_its_name():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda")
+    for name in ("meta", "mps", "foo", "cpu:3"):  # torch parses some of these; none is a device rnnbench trains on
+        with pytest.raises(ValueError, match=f"expected auto, cpu, cuda or cuda:N, got '{name}'"):
+            resolve_device(name)
 
 
 def test_divergence_is_raised_at_the_evaluation_naming_the_first_bad_step():
@@ -153,3 +156,4 @@ def test_training_on_cuda_matches_cpu(variant):
     cpu, cuda = results
     assert cuda.metrics["loss"] == pytest.approx(cpu.metrics["loss"], rel=1e-3)
     assert cuda.grads == pytest.approx(cpu.grads, rel=1e-3, abs=1e-6)
+
