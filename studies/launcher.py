@@ -173,8 +173,8 @@ def _stop(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _ignore(signum, frame):
-    pass
+def ignore_signal(signum, frame):
+    """A handler that does nothing: unlike SIG_IGN, a signal already pending when it is set raises no OSError."""
 
 
 def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers: int = 1, threads: int = 1,
@@ -236,8 +236,8 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
         return finish(spec, storage, client, exp_id)
     finally:
         # A second Ctrl-C (or the SIGTERM a process group gets with it) must not cut the workers' closing short
-        interrupt = signal.signal(signal.SIGINT, _ignore)  # not SIG_IGN: Python raises an OSError for a
-        signal.signal(signal.SIGTERM, _ignore)              # signal already pending then
+        interrupt = signal.signal(signal.SIGINT, ignore_signal)
+        signal.signal(signal.SIGTERM, ignore_signal)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from studies import queue
 from studies.crash import crash_point
-from studies.launcher import LAUNCHER_PID, finish, reap, stop_failing, top_up
+from studies.launcher import LAUNCHER_PID, finish, ignore_signal, reap, stop_failing, top_up
 from studies.spec import Cell, Spec, cells
 from studies.store import Store, StoreUnavailable
 from studies.tracking import cell_tags, close_run, provenance, run_name
@@ -434,15 +434,11 @@ def _stop(signum, frame):
     (SIGINT to the process group) or ``timeout`` (SIGTERM to it) is followed by the launcher's own SIGTERM,
     which must not cut short the closing of the trial in hand."""
     for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, _ignore)  # not SIG_IGN: Python raises an OSError for a signal already pending then
+        signal.signal(s, ignore_signal)
     if _SHIELD["depth"]:
         _SHIELD["pending"] = signum
         return
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _ignore(signum, frame):
-    pass
 
 
 def _die_with_launcher(launcher: int) -> None:

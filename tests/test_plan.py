@@ -3,6 +3,7 @@ real tiny study's wall time is within a factor of 2 of what `rnnbench run` takes
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 
@@ -97,6 +98,10 @@ def test_runs_trained_together_are_planned_as_one_population_job(tmp_path, monke
     assert rnn.search_seconds == pytest.approx(40 * 0.01 / 2 + RUN_OVERHEAD if together else run_alone)
     assert plan.seconds == pytest.approx(2 * CELL_OVERHEAD + 4 * rnn.search_seconds + 4 * run_alone)
     assert ("together: " in plans.format_plan(plan)) == together
+    if together:  # without replicate runs, no population of them is shown
+        row = next(line for line in plans.format_plan(dataclasses.replace(plan, cells=[
+            dataclasses.replace(c, replicates=0) for c in plan.cells])).splitlines() if "/rnn" in line)
+        assert row.split()[3:5] == ["2+0", "2+0"], row  # runs (trials + replicates), together
 
 
 def test_bench_options_it_cannot_honour_are_one_line_errors():

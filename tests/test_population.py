@@ -248,3 +248,15 @@ def test_fused_lstm_recurrence_equals_autograd_on_the_loop(switches):
         runs.append([out.detach()] + [p.grad.clone() for p in pop.parameters()])
     for got, want in zip(*runs):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_population_size_builds_the_members_configuration_only_where_a_population_is_allowed():
+    from studies.population import AUTO_POPULATION, population_size
+
+    def member():
+        raise AssertionError("built although no population is allowed")
+    assert population_size("off", "replicate", set(), member, "cpu") == 1
+    assert population_size("auto", "search", {"lr", "hidden_size"}, member, "cpu") == 1  # a shape is searched
+    small = PopulationSpec("peephole", {}, hidden_size=8)
+    assert population_size("auto", "search", {"lr", "grad_clip"}, lambda: small, "cpu") == AUTO_POPULATION
+    assert population_size(3, "replicate", set(), lambda: small, "cpu") == 3
