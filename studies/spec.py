@@ -11,7 +11,6 @@ prepared study answers without torch's import (about 2.7 s); see :func:`load`'s 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import inspect
 import itertools
@@ -363,9 +362,6 @@ class Cell:
                                        num_layers=int(hp["num_layers"]), output_size=task.output_size,
                                        **self.switches(hp))
 
-    def drawn(self, hp: dict[str, Any]) -> Cell:
-        """This cell with the switches a trial drew fixed in its variant entry."""
-        return dataclasses.replace(self, variant=self.variant.model_copy(update={"switches": self.switches(hp)}))
 
 
 def cells(spec: Spec) -> list[Cell]:
