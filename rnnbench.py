@@ -153,7 +153,8 @@ def run(spec, root, workers, threads, storage, tracking_uri, stale_after, device
     try:
         with Display(parsed) as display:
             rows = run_study(parsed, path, sha, store, workers=workers, threads=threads, stale_after=stale_after,
-                             on_progress=display.update, device=_device(device), retry_stopped=retry_stopped)
+                             on_progress=display.update, device=_device(device), retry_stopped=retry_stopped,
+                             on_note=display.note)
     except KeyboardInterrupt:
         click.echo("stopped: the trials in hand were closed as interrupted; run the same command to resume", err=True)
         sys.exit(130)

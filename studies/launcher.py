@@ -36,16 +36,17 @@ class WorkersDying(RuntimeError):
     """The launcher's workers keep dying (more than 3 restarts per worker)."""
 
 
-def prepare(spec: Spec, spec_text: str, store: Store, storage, client) -> tuple[str, dict[str, str]]:
+def prepare(spec: Spec, spec_text: str, store: Store, storage, client) -> tuple[str, dict[str, str], list[str]]:
     """Create (or check) every cell's Optuna studies and MLflow parent run before workers start.
-    Returns the MLflow experiment id and each cell's parent run id."""
+    Returns the MLflow experiment id, each cell's parent run id, and the cells of this study's name that
+    ``spec`` does not name (run by another study file of the same name; its reports show them too)."""
     recorded = queue.prepare_studies(spec, storage)  # checks every cell before writing to MLflow
     exp_id = store.experiment_id(client, spec.name, create=True)
     describe_experiment(client, exp_id, spec, spec_text)
-    parents = parent_runs(client, exp_id, spec, recorded)
+    parents, others = parent_runs(client, exp_id, spec, recorded)
     queue.record_parents(spec, storage, parents)
     client.set_experiment_tag(exp_id, "rnnbench.prepared", "true")
-    return exp_id, parents
+    return exp_id, parents, others
 
 
 def grid_point(spec: Spec, cell: Cell, slot: int) -> dict:
@@ -179,12 +180,12 @@ def ignore_signal(signum, frame):
 
 def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers: int = 1, threads: int = 1,
               stale_after: float = 900.0, on_progress=None, poll: float = 1.0, device: str = "auto",
-              retry_stopped: bool = False) -> list[queue.CellProgress]:
+              retry_stopped: bool = False, on_note=None) -> list[queue.CellProgress]:
     """Prepare the study, start ``workers`` worker processes, keep the queue topped up, wait for the end.
 
     ``on_progress(rows)`` is called every ``poll`` seconds. A cell whose first trials all fail alike is
-    stopped (:func:`stop_failing`) and counts as done; ``retry_stopped`` clears that mark first. Returns
-    the final progress rows.
+    stopped (:func:`stop_failing`) and counts as done; ``retry_stopped`` clears that mark first. ``on_note(line)``
+    is told of cells of this study's name that ``spec`` does not name. Returns the final progress rows.
     """
     lock_fd = store.lock()
     procs: list[subprocess.Popen] = []
@@ -193,7 +194,12 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
         if not store.distributed:
             store.repair_journal()
         storage, client = store.optuna_storage(), store.mlflow_client()
-        exp_id, _ = prepare(spec, spec.text, store, storage, client)
+        exp_id, _, others = prepare(spec, spec.text, store, storage, client)
+        if others and on_note:
+            on_note(f"note: study {spec.name} in this store also holds {len(others)} cell(s) this study file does not "
+                    f"name ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): run by another study file "
+                    f"of this name, an earlier version of this one or other --set values. Its reports show them "
+                    f"too; to keep them apart, give this study another name.")
         if retry_stopped:
             queue.retry_stopped(spec, storage)
         # A claim recorded by nobody for seconds on the embedded store is dead: local processes record

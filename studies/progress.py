@@ -105,6 +105,10 @@ class Display:
         for r, kind, t in sorted(new, key=lambda x: _ended_at(x[2])):
             self._print(trial_line(r.cell.key, kind, t, self.spec.objective.metric, width))
 
+    def note(self, line: str) -> None:
+        """A line above the progress (the launcher's ``on_note``)."""
+        self._print(line)
+
     def _print(self, line: str) -> None:
         if self.live:
             self.bar.console.print(line, markup=False, highlight=False, soft_wrap=True)

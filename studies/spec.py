@@ -18,6 +18,7 @@ import json
 import math
 import re
 import sys
+import typing
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -49,6 +50,22 @@ class SpecError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, v, info: ValidationInfo):
+        """pydantic reads true/false as 1/0 where a number is expected (``trials: true`` ran 1 trial): refused.
+        A field's own before-validator sees the raw value first (``population: off``, which YAML makes false)."""
+        if isinstance(v, bool) and not _admits_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, not {str(v).lower()}")
+        return v
+
+
+def _admits_bool(annotation) -> bool:
+    """Whether a field's type takes a bool as itself (bool, Any, or a union or container holding one)."""
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_admits_bool(a) for a in typing.get_args(annotation) if not isinstance(a, (str, int, float)))
 
 
 class Param(Strict):
@@ -176,6 +193,8 @@ class Model(Strict):
 
 
 def _positive(v) -> int:
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, not {str(v).lower()}")
     try:
         return _POSITIVE.validate_python(v)
     except ValidationError as e:

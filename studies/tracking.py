@@ -100,9 +100,10 @@ def describe_experiment(client, exp_id: str, spec: Spec, spec_text: str) -> None
     client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")  # "Machine learning", not GenAI
 
 
-def parent_runs(client, exp_id: str, spec: Spec, recorded: dict[str, str | None]) -> dict[str, str]:
+def parent_runs(client, exp_id: str, spec: Spec, recorded: dict[str, str | None]) -> tuple[dict[str, str], list[str]]:
     """Each cell's parent run id: the one recorded in its Optuna study (``recorded``), else one a killed
-    launcher created without recording it (found by its tags), else a new one."""
+    launcher created without recording it (found by its tags), else a new one. Also the keys of the cells
+    the experiment holds that ``spec`` does not name (another study file of the same name ran them)."""
     found = {r.data.tags.get("rnnbench.cell"): r.info.run_id for r in client.search_runs(
         [exp_id], "tags.`rnnbench.role` = 'cell'", max_results=50000, order_by=["attributes.start_time DESC"])}
     out = {}
@@ -113,7 +114,7 @@ def parent_runs(client, exp_id: str, spec: Spec, recorded: dict[str, str | None]
                                        tags={**cell_tags(spec, cell), "rnnbench.role": "cell"}).info.run_id
             crash_point("launcher.parent_created")
         out[cell.key] = run_id
-    return out
+    return out, sorted(key for key in found if key not in out)
 
 
 def close_run(client, run_id: str, state: TrialState, interrupted: str | None = None) -> None:

@@ -204,6 +204,19 @@ def test_busy_root_is_refused(tmp_path):
         os.close(fd)
 
 
+def test_prepare_names_the_cells_another_file_of_the_same_name_added(tmp_path):
+    from studies.launcher import prepare
+
+    store = Store(tmp_path / "runs")
+    storage, client = store.optuna_storage(), store.mlflow_client()
+    both = write_spec(tmp_path, KILL)
+    only_gru = tmp_path / "other.yaml"
+    only_gru.write_text(KILL.replace("[lstm, gru]", "[gru]"))
+    for path, others in ((both, []), (only_gru, ["adding(seq_len=40)/lstm"]), (both, [])):
+        spec, _, _ = specs.load(path)
+        assert prepare(spec, path.read_text(), store, storage, client)[2] == others
+
+
 def test_reap_closes_dead_or_silent_workers_trials_only(tmp_path):
     from studies import queue
     from studies.launcher import prepare, reap, top_up
@@ -212,7 +225,7 @@ def test_reap_closes_dead_or_silent_workers_trials_only(tmp_path):
     spec, _, _ = specs.load(spec_path)
     store = Store(tmp_path / "runs")
     storage, client = store.optuna_storage(), store.mlflow_client()
-    exp_id, _ = prepare(spec, spec_path.read_text(), store, storage, client)
+    exp_id, _, _ = prepare(spec, spec_path.read_text(), store, storage, client)
     top_up(spec, storage)
     lstm, gru = specs.cells(spec)
     now = time.time()

@@ -61,6 +61,14 @@ def test_minimal_spec_loads_with_defaults(tmp_path):
     (BASE.replace("seq_len: 10", "seq_len: []"), "tasks[0]", "at least one value"),
     (BASE.replace("{task: adding, seq_len: 10}", "{seq_len: 10}"), "tasks[0]", "missing 'task'"),
     (BASE.replace("name: t", "name: 'a b'"), "name", "pattern"),
+    # YAML's true/false where a number belongs: pydantic alone would read them as 1/0
+    (BASE + "trials: true\n", "trials", "expected a number, not true"),
+    (BASE + "seed: false\n", "seed", "expected a number, not false"),
+    (BASE + "train: {steps: true}\n", "train.steps", "expected a number, not true"),
+    (BASE + "train: {lr: true}\n", "train.lr", "expected a number, not true"),
+    (BASE + "model: {hidden_size: true}\n", "model.hidden_size", "expected a number, not true"),
+    (BASE + "model: {hidden_size: [16, false]}\n", "model.hidden_size", "expected a number, not false"),
+    (BASE + "search_space: {lr: {type: float, low: true, high: 0.1}}\n", "search_space.lr.low", "not true"),
 ])
 def test_bad_spec_names_the_field(tmp_path, text, field, words):
     message = error(tmp_path, text)
