@@ -260,3 +260,21 @@ def test_population_size_builds_the_members_configuration_only_where_a_populatio
     small = PopulationSpec("peephole", {}, hidden_size=8)
     assert population_size("auto", "search", {"lr", "grad_clip"}, lambda: small, "cpu") == AUTO_POPULATION
     assert population_size(3, "replicate", set(), lambda: small, "cpu") == 3
+
+
+def test_the_floor_benchmark_splits_a_populations_step(capsys):
+    import runpy
+    from pathlib import Path
+
+    floor = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" / "population_floor.py"))
+    threads = torch.get_num_threads()
+    try:
+        floor["main"](["--families", "clockwork", "--hidden", "4", "--members", "2", "--repeats", "1", "--batch", "4",
+                       "--seq-len", "20"])
+    finally:
+        torch.set_num_threads(threads)
+    row = capsys.readouterr().out.splitlines()[-1].strip("| ").split(" | ")
+    assert row[:2] == ["clockwork", "4"]
+    one, per, matmul, elementwise, overhead = (float(row[i]) for i in (2, 3, 5, 6, 7))
+    assert min(one, per, matmul, elementwise, overhead) > 0
+    assert math.isclose(matmul + elementwise + overhead, per, rel_tol=0.02, abs_tol=0.15)  # shares of the step
