@@ -103,7 +103,7 @@ def _write(tables: tbl.Tables, out: Path, reference: str, source: Path | None) -
     }
     (out / tbl.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
     page = html.page(tables.study, tables.collection.get("study_file", ""), summ, vs, reference, figures,
-                     manifest, tables.objective_metric, tables.direction, files + [tbl.MANIFEST])
+                     manifest, tables.objective_metric, tables.direction, files + [tbl.MANIFEST], unit)
     (out / "index.html").write_text(page)
 
 

@@ -280,6 +280,14 @@ class Painter:
         if len(thresholds):
             right.plot(thresholds.index, thresholds.values, **THRESHOLD, marker="+", label="solved threshold")
             drawn += " Dotted red with pluses: the solved threshold at each value."
+        logged = self.t.results[self.t.results.task == task]
+        absent = {}  # variant -> the values where it has no run to aggregate (no complete search trial)
+        for v, x in sorted(set(zip(logged.variant, logged.ladder_value)) - set(zip(cells.variant, cells.ladder_value)),
+                           key=lambda vx: (self.order.index(vx[0]) if vx[0] in self.order else len(self.order), vx[1])):
+            absent.setdefault(v, []).append(f"{x:g}" if isinstance(x, float) else str(x))
+        if absent:
+            drawn += (" Not drawn, with no run to aggregate (no complete search trial): "
+                      + "; ".join(f"{v} at {ladder} = {', '.join(xs)}" for v, xs in absent.items()) + ".")
         right.set(xlabel=ladder, ylabel=f"final {self.metric}")
         if self.logy(cells["mean"], task):
             right.set_yscale("log")

@@ -95,6 +95,25 @@ def summary_view(summ: pd.DataFrame, metric: str) -> pd.DataFrame:
     return view
 
 
+STATE_WORDS = {"complete": "complete", "fail": "failed", "pruned": "pruned", "running": "running", "waiting": "waiting"}
+
+
+def _without_best(summ: pd.DataFrame) -> list[tuple[str, str]]:
+    """(cell, its search trials by state) for each cell that ran search trials but has no best one."""
+    states = [c for c in summ.columns if c.startswith("trials_")]
+    if summ.empty or "best_trial" not in summ or not states:
+        return []
+    out = []
+    for _, row in summ[summ.best_trial.isna()].iterrows():
+        counts = {STATE_WORDS.get(c.removeprefix("trials_"), c.removeprefix("trials_")): int(row[c])
+                  for c in states if row[c] == row[c] and row[c]}
+        if counts:
+            setting = f"{row.ladder} = {row.ladder_value}" if "ladder" in row else str(row.ladder_value)
+            out.append((f"{row.task} ({setting}) / {row.variant}",
+                        f"{sum(counts.values())} search trials: " + ", ".join(f"{n} {s}" for s, n in counts.items())))
+    return out
+
+
 def stats_view(vs: pd.DataFrame) -> pd.DataFrame:
     size = {"capacity_value": "capacity"} if "capacity_value" in vs else {}
     cols = {"task": "task", "ladder_value": "ladder_value", **size, "variant": "variant", "n": "n", "n_ref": "n ref",
@@ -108,7 +127,7 @@ def stats_view(vs: pd.DataFrame) -> pd.DataFrame:
 
 def page(study: str, study_file: str, summ: pd.DataFrame, vs: pd.DataFrame, reference: str,
          figures: dict[str, list[tuple[str, Figure | str]]], manifest: dict, metric: str, direction: str,
-         files: list[str]) -> str:
+         files: list[str], unit: str = "replicate") -> str:
     e = html.escape
     parts = [f"<h1>rnnbench report: {e(study)}</h1>",
              "<p>Contents: <a href='#glance'>at a glance</a> · <a href='#policy'>aggregation policy</a> · "
@@ -121,6 +140,11 @@ def page(study: str, study_file: str, summ: pd.DataFrame, vs: pd.DataFrame, refe
         parts += [f"<p>Per task and setting, every variant best first by mean final {e(metric)} ({e(direction)}); "
                   "solved: runs that met the task's solved criterion, of all runs; the mean's 95% Student-t "
                   "interval and n, the runs it is computed from.</p>", _table(glance_view(summ, metric, direction))]
+        if unit == "search":
+            parts.append("<p><b>This study has no replicate runs: each cell's runs are its complete search trials, "
+                         "so the means, intervals and tests below span the searched configurations, not seeds."
+                         "</b> Set <code>replicates</code> to retrain each cell's best configuration with new "
+                         "seeds.</p>")
     superseded = int(summ.superseded.sum()) if "superseded" in summ else 0
     if superseded:
         parts.append(f"<p><b>{superseded} replicate run{'s' if superseded > 1 else ''} superseded</b>: retrained "
@@ -135,6 +159,11 @@ def page(study: str, study_file: str, summ: pd.DataFrame, vs: pd.DataFrame, refe
         parts.append("<p>No trial has run yet.</p>")
     else:
         parts.append(_table(summary_view(summ, metric)))
+    unsearched = _without_best(summ)
+    if unsearched:
+        parts.append("<p><b>No complete search trial</b>, so no configuration to replicate and no runs to aggregate "
+                     "(solved 0/0, n = 0; the statistics list them as not compared):</p><ul>"
+                     + "".join(f"<li>{e(cell)}: {e(trials)}</li>" for cell, trials in unsearched) + "</ul>")
     stopped = manifest["collection"].get("stopped_cells", {})
     if stopped:
         parts.append("<p><b>Stopped cells</b> (their first search trials all failed with the same error; they ran "
@@ -144,7 +173,9 @@ def page(study: str, study_file: str, summ: pd.DataFrame, vs: pd.DataFrame, refe
     parts += [f"<h2 id='stats'>Each variant against the reference ({e(reference)})</h2>",
               "<p>Bold and * : significant by the primary test, Welch's t-test, after Holm correction over "
               "every comparison of the study (the only test). diff = mean(variant) − "
-              f"mean({e(reference)}); 'better'/'worse' follow the objective's direction.</p>"]
+              f"mean({e(reference)}); 'better'/'worse' compare the means in the objective's direction ('tie': "
+              "equal), tested or not: with fewer than 2 runs on a side, or no variance at all, there is no test "
+              "(p blank); 'not compared': a side has no run with a finite objective.</p>"]
     if len(vs) and not (vs.n_ref > 0).any():
         with_runs = list(dict.fromkeys(summ.variant[summ.n > 0])) if "n" in summ else []
         parts.append(f"<p><b>The reference variant {e(reference)} has no run with a finite objective, so nothing "

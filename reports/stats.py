@@ -47,7 +47,8 @@ def policy(unit: str, objective_metric: str, direction: str) -> dict[str, str]:
     """The aggregation policy, in words, for the report page and the manifest."""
     units = {"replicate": "the replicate runs of each cell's current best search trial (its configuration "
                           "retrained with fresh seeds)",
-             "search": "the COMPLETE search trials of each cell (the logs hold no replicate runs)"}
+             "search": "the COMPLETE search trials of each cell (the logs hold no replicate runs), so means, "
+                       "intervals and tests span the searched configurations, not seeds"}
     return {
         "objective": f"final held-out eval value of the objective metric {objective_metric!r} of each run "
                      f"({direction})",
@@ -58,7 +59,11 @@ def policy(unit: str, objective_metric: str, direction: str) -> dict[str, str]:
                         "results with superseded = True and are left out of summaries, statistics and figures",
         "centre and interval": f"mean and its {LEVEL:.0%} Student-t interval, mean ± t(0.975, n-1)·s/√n (s: the "
                                "sample standard deviation), always shown with n, the number of runs with a finite "
-                               "objective; n = 1 has no interval",
+                               "objective; n = 1 has no interval. Not clipped to the metric's range (an accuracy's "
+                               "can pass 0 or 1, a loss's 0); runs that all end equal give a zero-width interval",
+        "held-out set": "one per task setting and study seed, drawn once: search trials are ranked and replicate "
+                        "runs scored on the same set (the replicates are new trainings with new seeds, but the "
+                        "configuration they retrain was chosen on it)",
         "success rate": "fraction of those runs whose final eval has solved = 1 (a failed run counts as not solved)",
         "primary test": "Welch's t-test (unequal variances), two-sided, of each variant against the reference per "
                         "task and ladder value; p-values Holm-corrected over all comparisons of the study; "
@@ -199,7 +204,7 @@ def summary(tables: Tables) -> pd.DataFrame:
                              sort=False)
     out.columns = [f"trials_{c.lower()}" for c in out.columns]
     best = best_search(results, tables.direction).set_index(cell)
-    out["best_trial"], out["best_search"] = best.trial, best.objective
+    out["best_trial"], out["best_search"] = best.trial.astype("Int64"), best.objective
     if "param.lr" in best:
         out["best_lr"] = best["param.lr"]
     if "superseded" in results:
@@ -210,6 +215,8 @@ def summary(tables: Tables) -> pd.DataFrame:
     firsts = results.groupby(cell, sort=False)
     for col, name in (("ladder", "ladder"), ("capacity", "capacity"), ("metric.baseline", "baseline"),
                       ("solved_threshold", "solved_threshold"), ("solved_rule", "solved_rule")):
+        if col == "metric.baseline" and tables.objective_metric != "loss":
+            continue  # the tasks' memoryless baseline is a loss: no yardstick for another objective
         if col in results:
             out[name] = firsts[col].first()
     if "param.n_params" in results:
@@ -226,13 +233,18 @@ def summary(tables: Tables) -> pd.DataFrame:
 
 def versus_reference(tables: Tables, reference: str) -> pd.DataFrame:
     """Every variant against ``reference`` in each (task, ladder value), and capacity with a ladder of it:
-    Welch's t-test, Holm-corrected over all rows (the primary test, :func:`policy`), and Hedges' g."""
-    runs = selected_runs(tables.results)
-    group = cell_columns(runs)[:-1]  # a cell's columns but the variant
+    Welch's t-test, Holm-corrected over all rows (the primary test, :func:`policy`), and Hedges' g. A variant
+    the logs hold with no run to aggregate (its search trials all failed) has its row, with n = 0."""
+    results = with_capacity(tables.results)
+    runs = selected_runs(results)
+    group = cell_columns(results)[:-1]  # a cell's columns but the variant
+    chosen = {key: g for key, g in runs.groupby(group + ["variant"], sort=False)}
+    none = runs.iloc[:0]
     rows = []
-    for key, g in runs.groupby(group, sort=False):
-        ref = g[g.variant == reference]
-        for variant, v in g[g.variant != reference].groupby("variant", sort=False):
+    for key, g in results.groupby(group, sort=False):
+        ref = chosen.get((*key, reference), none)
+        for variant in dict.fromkeys(g.variant[g.variant != reference]):
+            v = chosen.get((*key, variant), none)
             rows.append({**dict(zip(group, key)), "variant": variant, "reference": reference,
                          **compare(v.value.dropna(), ref.value.dropna()),
                          "success_rate": v.success.mean(), "success_rate_ref": ref.success.mean()})
@@ -244,7 +256,9 @@ def versus_reference(tables: Tables, reference: str) -> pd.DataFrame:
     out["p_welch_holm"] = holm(out.p_welch)
     out["significant"] = out.p_welch_holm < ALPHA
     sign = -1 if tables.direction == "minimize" else 1
-    out["better"] = np.where(out["diff"].isna(), "", np.where(sign * out["diff"] > 0, "better", "worse"))
+    ahead = sign * out["diff"]
+    out["better"] = np.select([(out.n == 0) | (out.n_ref == 0), ahead > 0, ahead < 0],
+                              ["not compared", "better", "worse"], "tie")
     return order_cells(out[cols], tables)
 
 

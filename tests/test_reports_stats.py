@@ -237,6 +237,46 @@ def test_a_reference_without_runs_and_a_search_that_never_completed_are_said_pla
     assert "was not searched" not in page
 
 
+def test_a_variant_whose_search_all_failed_keeps_its_row_and_is_named(tmp_path):
+    t = synthetic(n=3, tasks=("adding",))
+    res = t.results
+    res.loc[res.variant == "bad", ["state", "objective"]] = ["FAIL", np.nan]
+    t.results = res[(res.variant != "bad") | (res.kind == "search")]  # no best trial: no replicate runs
+    vs = stats.versus_reference(t, "lstm").set_index(["variant", "ladder_value"])
+    assert vs.loc[("bad", 10), ["n", "better", "significant"]].tolist() == [0, "not compared", False]
+    assert np.isnan(vs.loc[("bad", 10), "p_welch_holm"]) and vs.loc[("twin", 10), "n"] == 3
+    summ = stats.summary(t)
+    assert summ.best_trial.dtype == "Int64" and summ.best_trial.isna().sum() == 2  # blank, not 1.0, 2.0 elsewhere
+    page = build_report(t, tmp_path).read_text()
+    assert "<b>No complete search trial</b>" in page
+    assert "<li>adding (seq_len = 10) / bad: 4 search trials: 4 failed</li>" in page
+    assert "Not drawn, with no run to aggregate (no complete search trial): bad at seq_len = 10, 20." in page
+    written = pd.read_csv(tmp_path / "summary.csv", dtype=str).best_trial
+    assert written.isna().sum() == 2 and written.dropna().str.fullmatch(r"\d+").all()  # 2, not 2.0
+
+
+def test_equal_means_are_a_tie_and_the_baseline_is_shown_for_a_loss_only(tmp_path):
+    t = synthetic(n=3, tasks=("adding",))
+    res = t.results
+    same = res.variant.isin(["lstm", "twin"]) & (res.state == "COMPLETE")
+    res.loc[same, "objective"] = 0.1 + 0.01 * res.loc[same, "trial"]  # the same values in both
+    vs = stats.versus_reference(t, "lstm")
+    assert set(vs[vs.variant == "twin"].better) == {"tie"} and set(vs[vs.variant == "bad"].better) == {"worse"}
+    assert "baseline" in stats.summary(t)
+    t.collection["objective"] = {"metric": "recall_acc", "direction": "maximize"}
+    assert "baseline" not in stats.summary(t)  # the tasks' memoryless baseline is a loss
+    build_report(t, tmp_path)
+    assert "baseline" not in pd.read_csv(tmp_path / "summary.csv").columns
+
+
+def test_a_study_without_replicates_says_its_intervals_span_configurations(tmp_path):
+    page = build_report(synthetic(n=0, replicates=False, tasks=("adding",)), tmp_path).read_text()
+    assert "This study has no replicate runs" in page and "span the searched configurations, not seeds" in page
+    page = build_report(synthetic(n=2, tasks=("adding",)), tmp_path).read_text()
+    assert "This study has no replicate runs" not in page
+    assert "search trials are ranked and replicate runs scored on the same set" in page  # the held-out set
+
+
 def test_stopped_cells_are_collected_from_optuna_and_listed_on_the_page(tmp_path):
     import optuna
     storage = optuna.storages.InMemoryStorage()
