@@ -10,7 +10,8 @@ batches from a ``torch.Generator``, so a seed reproduces the data exactly, and s
 * ``readout``: where predictions are read: ``"all"`` (every step; ``y`` is ``(B, T)`` or
   ``(B, T, O)``), ``"last"`` (the last step; ``y`` is ``(B,)`` or ``(B, O)``) or ``"mask"``
   (the steps where ``batch.mask`` is true; ``y`` is ``(B, T)`` or ``(B, T, O)``);
-* ``baseline``: the loss of the best memoryless predictor for these settings, and ``solved()``.
+* ``baseline``: the loss of the best memoryless predictor for these settings: of the predictors that see one thing per step (nothing, the step
+  index, or the current input token), the best, as ``tasks.contract`` checks; and ``solved()``.
 
 Models always emit ``(B, T, output_size)``; :meth:`Task.select` picks the positions the loss reads.
 Tasks whose sequences differ in length within a batch (adding_1997, temporal_order, embedded_reber)
@@ -68,7 +69,8 @@ class Task:
 
     @property
     def baseline(self) -> float:
-        """Loss of the best memoryless predictor (formula in the subclass docstring)."""
+        """Loss of the best memoryless predictor: one that sees nothing, the step index or the current input
+        token, not the step and the token together (formula in the subclass docstring; ``tasks.contract``)."""
         raise NotImplementedError
 
     def sample(self, batch_size: int, generator: torch.Generator, device: str | torch.device = "cpu") -> Batch:

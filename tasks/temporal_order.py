@@ -9,7 +9,7 @@ that are X or Y (each 1/2), one uniformly in each window (1-based element number
 * ``n_relevant`` = 2 (Exp. 6a): [10, 20], [50, 60]; 4 classes;
 * ``n_relevant`` = 3 (Exp. 6b): [10, 20], [33, 43], [66, 76]; 8 classes.
 
-For other L each window bound b becomes round(b * L / 100). The class is the X/Y pattern read as
+For other L each window bound b becomes b * L / 100 rounded half up (L = 25: 10 -> 3, 50 -> 13). The class is the X/Y pattern read as
 a binary number, X = 0, Y = 1, first relevant element most significant (6a: XX, XY, YX, YY =
 0..3, the paper's Q, R, S, U). It is read at each sequence's own last step (the B): padded
 batches, readout ``"mask"`` with one true position per sequence. Loss: cross-entropy.

@@ -383,3 +383,69 @@ def test_oracle_solves(name):
     assert good["solved"] == 1.0
     if name != "embedded_reber":  # there the oracle still pays the grammar's own randomness
         assert good["loss"] < 0.01 * task.baseline
+
+
+# --- the metrics the solved criteria read, and the definitions the other tests take from the task itself -------
+
+def _class_outputs(batch, n_classes, p_true):
+    """Logits, at every step, giving the target class probability ``p_true`` (the others share the rest)."""
+    a = math.log(p_true * (n_classes - 1) / (1 - p_true))
+    return torch.nn.functional.one_hot(batch.y, n_classes).float() * a
+
+
+@pytest.mark.parametrize("p_true, correct", [(0.71, 1.0), (0.69, 0.0)])
+def test_temporal_order_is_correct_when_every_output_is_within_0_3_of_one_hot(p_true, correct):
+    task = small("temporal_order", seq_len=20)  # Hochreiter & Schmidhuber 1997: |error| < 0.3 on every output
+    b = task.sample(16, gen(0))
+    assert task.metrics(_class_outputs(b, task.output_size, p_true), b)["seq_acc"] == correct
+
+
+@pytest.mark.parametrize("error, correct", [(0.039, 1.0), (-0.039, 1.0), (0.041, 0.0)])
+def test_adding_1997_is_correct_within_0_04(error, correct):
+    task = small("adding_1997", seq_len=20)
+    b = task.sample(16, gen(0))
+    assert task.metrics(b.y + error, b)["seq_acc"] == correct
+
+
+def test_copy_memory_recall_reads_the_last_n_copy_steps_only():
+    task = small("copy_memory", seq_len=12, n_copy=4)
+    b = task.sample(16, gen(0))
+    n_classes = task.output_size
+    right = torch.nn.functional.one_hot(b.y, n_classes).float()
+    wrong_before = right.clone()
+    wrong_before[:, :-4] = torch.nn.functional.one_hot((b.y[:, :-4] + 1) % n_classes, n_classes).float()
+    assert task.metrics(wrong_before, b)["recall_acc"] == 1.0
+    one_wrong = right.clone()
+    one_wrong[:, -4] = torch.nn.functional.one_hot((b.y[:, -4] + 1) % n_classes, n_classes).float()
+    assert task.metrics(one_wrong, b)["recall_acc"] == pytest.approx(3 / 4)
+
+
+def test_temporal_order_windows_round_half_up_at_any_length():
+    # 1-based bounds b * L / 100: at L = 25, 10 -> 2.5 -> 3, 20 -> 5, 50 -> 12.5 -> 13, 60 -> 15
+    assert small("temporal_order", seq_len=25, n_relevant=2).windows() == [(3, 5), (13, 15)]
+    assert small("temporal_order", seq_len=30, n_relevant=3).windows() == [(3, 6), (10, 13), (20, 23)]
+
+
+def test_embedded_reber_loops_lengthen_the_strings_as_stated():
+    lengths = {p: EmbeddedReber(p_loop=p).mean_length for p in (0.5, 0.8, 0.9, 0.95)}
+    assert lengths == pytest.approx({0.5: 12.0, 0.8: 16.5, 0.9: 24.0, 0.95: 39.0})  # the docstring's table
+
+
+def test_associative_recall_noise_spans_the_whole_vocabulary():
+    task = small("associative_recall", seq_len=32, n_pairs=4, n_queries=2, vocab=16)
+    noise = []
+    for b in batches(task):
+        region = torch.arange(b.x.shape[1]) >= 2 * 4  # the query region; query steps carry the mask
+        noise.append(b.x[region & ~b.mask])
+    noise = torch.cat(noise)
+    assert set(noise.tolist()) == set(range(16))  # keys' half and values' half alike (Zoology)
+
+
+def test_adding_reading_the_last_input_beats_the_constant_as_the_docstring_says():
+    task = small("adding", seq_len=20)
+    b = task.sample(200_000, gen(0))
+    last = b.x[:, -1]  # (value, marker) at the readout step: the second mark lands there w.p. 1 / (T - T//2)
+    pred = torch.where(last[:, 1] == 1, 0.5 + last[:, 0], torch.ones(len(last)))[:, None]
+    mse = ((pred - b.y) ** 2).mean().item()
+    expected = 1 / 6 - 1 / (12 * (20 - 10))  # 0.1583
+    assert abs(mse - expected) < 0.003 and expected < task.baseline

@@ -455,6 +455,34 @@ def test_registry_names():
         assert info.description and info.paper
 
 
+# What each short name computes, from REFERENCE.md section 2 and Greff et al. 2017, written out here rather than
+# read from the variants: the equation tests above take the switches from the model they check, so a preset
+# or a constructor that set the wrong switch (nog dropping the input gate, niaf and noaf swapped) would pass.
+GREFF = dict(peephole=True)
+NAMED = {
+    "lstm": {}, "np": {}, "peephole": GREFF, "greff": GREFF,
+    "cifg": dict(GREFF, coupled=True), "coupled": dict(GREFF, coupled=True),
+    "nig": dict(GREFF, input_gate=False), "nfg": dict(GREFF, forget_gate=False),
+    "nog": dict(GREFF, output_gate=False), "niaf": dict(GREFF, input_activation=False),
+    "noaf": dict(GREFF, output_activation=False), "fgr": dict(GREFF, full_gate_recurrence=True),
+}
+LSTM_PLAIN = dict(input_gate=True, forget_gate=True, output_gate=True, input_activation=True,
+                  output_activation=True, peephole=False, coupled=False, full_gate_recurrence=False)
+
+
+@pytest.mark.parametrize("name", sorted(NAMED) + ["gru", "gru_cho"])
+def test_each_short_name_builds_the_cell_its_paper_defines(name):
+    expected = {"gru": dict(reset_after=True), "gru_cho": dict(reset_after=False)}.get(name)
+    expected = expected or {**LSTM_PLAIN, **NAMED[name]}
+    model = build_variant(name, 3, 4)
+    assert {k: getattr(model, k) for k in expected} == expected
+    if name in NAMED:  # the switch names mean what they say: the slices the loop computes
+        si, sf, sg, so = model._slices()
+        assert (si is None, sf is None, so is None) == (not expected["input_gate"],  # coupled: f = 1 - i
+                                                         not expected["forget_gate"] or expected["coupled"],
+                                                         not expected["output_gate"])
+
+
 def lstm_count(I, H, gates=4, peepholes=0, fgr=0):
     return gates * H * (I + H) + 2 * gates * H + peepholes * H + fgr * H * H
 
