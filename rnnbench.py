@@ -88,6 +88,9 @@ class Cli(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except KeyboardInterrupt:  # Ctrl-C in a command that keeps no state of its own: one line, not "Aborted!"
+            click.echo(f"rnnbench {ctx.invoked_subcommand}: stopped", err=True)
+            ctx.exit(130)
         except BrokenPipeError:  # `rnnbench list variants | head`: the reader has gone; say nothing more
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             ctx.exit(1)
@@ -161,6 +164,7 @@ def run(spec, root, workers, threads, storage, tracking_uri, stale_after, device
     failed = sum(r.search["FAIL"] - r.search["interrupted"] + r.replicate["FAIL"] - r.replicate["interrupted"]
                  for r in rows)
     stopped = [r.cell.key for r in rows if r.stopped is not None]
+    diverged = any("Divergence" in str(r.stopped) for r in rows if r.stopped is not None)
     if not stopped:
         click.echo(f"done: {parsed.name}" + (f" ({failed} failed trials; see `rnnbench status`)" if failed else ""))
     where = f"--storage {storage} --tracking-uri {tracking_uri}" if storage else f"--root {root}"
@@ -172,7 +176,9 @@ def run(spec, root, workers, threads, storage, tracking_uri, stale_after, device
     if stopped:
         click.echo(f"study {parsed.name} did not complete: {len(stopped)} cell(s) stopped, their first trials all "
                    f"failed with the same error ({', '.join(stopped)}); see `rnnbench status`, fix the cause, then "
-                   f"rerun with --retry-stopped")
+                   f"rerun with --retry-stopped"
+                   + ("; a loss that diverged is the hyperparameters' doing: a narrower search space changes the "
+                      "cells' definition, so run that as a study of another name" if diverged else ""))
         sys.exit(1)
 
 
@@ -192,7 +198,16 @@ def plan(spec, root, workers, overrides):
 
     parsed, path, _ = specs.load(spec, overrides)
     click.echo(f"study {parsed.name} ({path}): valid")
-    click.echo(format_plan(estimate(parsed, root, workers)))
+    live = sys.stderr.isatty()
+
+    def calibrating(i, n, cell):  # on a terminal: one line, rewritten (a cell may take seconds to time)
+        if live:
+            click.echo(f"\r\033[Kcalibrating cell {i + 1}/{n}: {cell.key}", err=True, nl=False)
+
+    plan = estimate(parsed, root, workers, on_cell=calibrating)
+    if live:
+        click.echo("\r\033[K", err=True, nl=False)
+    click.echo(format_plan(plan))
 
 
 @cli.command()
@@ -339,6 +354,11 @@ def status(spec, root, storage, overrides):
             specs.load(spec, overrides)  # a mistake in the study file is said first
             raise UserError(f"{root.resolve()}: no study store here yet; run `rnnbench run {spec} --root {root}` first")
         optuna_storage = JournalStorage(JournalFileBackend(str(journal)))
+    held = sorted({s.study_name.split("/")[0] for s in optuna_storage.get_all_studies()})
+    if parsed.name not in held:  # a mistyped --root or --set name=: not a table of zeros
+        where = f"--storage {storage}" if storage else str(root.resolve())
+        raise UserError(f"{where}: no study {parsed.name!r} here (it holds: {', '.join(held) or 'none'}); "
+                        f"run `rnnbench run {spec}` with this store first, or check --root and --set")
     if not parsed.deep and not prepared_as_defined(parsed, optuna_storage):
         parsed, _, _ = specs.load(spec, overrides)
         check_fingerprints(parsed, optuna_storage, "give `status` the study file and --set the study was run with")
@@ -400,7 +420,7 @@ def report(study, root, storage, tracking_uri, source, out, reference, watch, in
 
         store = _store(root, storage, tracking_uri)
         if tracking_uri is None and not (store.root / "mlflow.db").exists():
-            raise UserError(f"{store.root}: no study store here; run a study first or pass --root")
+            raise UserError(f"{store.root}: no study store here; run a study first, or pass the --root it ran with")
         optuna_storage = store.optuna_storage() if storage or (store.root / "optuna.journal").exists() else None
         client = store.mlflow_client()
         index = build_report(collect(client, study, optuna_storage), out or store.reports_dir(study), reference)
@@ -569,13 +589,19 @@ def _check(kind, name, values, imports):
 
     try:
         import_user_modules(imports, Path.cwd())
+        # A mistyped switch or setting is the user's mistake, said in one line; the contracts check the refusals
         if kind == "variant":
+            from variants import check_switches
             from variants.contract import check as contract
+            check_switches(name, values)
         else:
+            from tasks import build_task
             from tasks.contract import check as contract
+            build_task(name, **values)
         results = contract(name, **values)
-    except (UserModuleError, ValueError) as e:  # a failed import; an unknown variant or task
-        raise UserError(str(e)) from None
+    except (UserModuleError, ValueError) as e:  # a failed import; an unknown variant or task, switch or setting
+        hint = " (your own? pass --imports FILE)" if str(e).startswith("unknown") and not imports else ""
+        raise UserError(f"{e}{hint}") from None
     table = Table(title=f"{kind} {name}" + "".join(f" {k}={v!r}" for k, v in values.items()))
     for column in ("check", "result", "reason"):
         table.add_column(column)

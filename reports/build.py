@@ -75,7 +75,7 @@ def _write(tables: tbl.Tables, out: Path, reference: str, source: Path | None) -
 
     has_runs = len(tables.results) > 0
     if has_runs:
-        cells = stats.cell_stats(stats.selected_runs(tables.results))
+        cells = stats.cell_stats(stats.selected_runs(tables.results, tables.unit))
         summ, vs = stats.summary(tables), stats.versus_reference(tables, reference)
     else:
         cells, summ, vs = None, pd.DataFrame(), pd.DataFrame(columns=["significant"])
@@ -84,7 +84,7 @@ def _write(tables: tbl.Tables, out: Path, reference: str, source: Path | None) -
     files += ["summary.csv", "statistics.csv"]
     figures = draw_all(tables, cells, out / "figures") if has_runs else {}
 
-    unit = stats.unit_of(tables.results) if has_runs else "replicate"
+    unit = tables.unit
     manifest = {
         "collection": tables.collection,
         "report": {

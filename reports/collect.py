@@ -70,7 +70,8 @@ def collect(client: MlflowClient, study: str, storage=None) -> Tables:
     from the Optuna ``storage`` (skipped when None)."""
     exp = client.get_experiment_by_name(study)
     if exp is None:
-        raise LookupError(f"no study {study!r} in the tracking store")
+        held = sorted(e.name for e in client.search_experiments() if "rnnbench.study_meta" in e.tags)
+        raise LookupError(f"no study {study!r} in the tracking store (it holds: {', '.join(held) or 'none'})")
     text = study_file(exp)
     meta = study_meta(exp)
     runs = client.search_runs([exp.experiment_id], "tags.`rnnbench.role` = 'trial'", max_results=50000,
@@ -94,6 +95,10 @@ def collect(client: MlflowClient, study: str, storage=None) -> Tables:
         "importance_method": IMPORTANCE_METHOD,
         "mlflow_run_ids": sorted(r.info.run_id for r in runs),
     }
+    parents = client.search_runs([exp.experiment_id], "tags.`rnnbench.role` = 'cell'", max_results=50000)
+    idle = sorted({r.data.tags.get("rnnbench.cell") for r in parents} - set(results.get("cell", [])))
+    if idle:  # only then, as stopped_cells: prepared cells no trial of which has started (an unfinished study)
+        tables.collection["cells_without_runs"] = idle
     stopped = stopped_cells(storage, results)
     if stopped:  # only then: a report of a study without any keeps the manifest it had
         tables.collection["stopped_cells"] = stopped

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from reports.stats import selected_runs, unit_of, with_capacity  # noqa: E402
+from reports.stats import selected_runs, with_capacity  # noqa: E402
 from reports.tables import Tables  # noqa: E402
 
 FORMATS = ("png", "svg")
@@ -111,8 +111,8 @@ class Painter:
 
     def __init__(self, tables: Tables, cells: pd.DataFrame, folder: Path):
         self.t, self.cells, self.folder = tables, cells, folder
-        self.runs = selected_runs(tables.results) if len(tables.results) else tables.results
-        self.unit = unit_of(tables.results) if len(tables.results) else "replicate"
+        self.unit = tables.unit
+        self.runs = selected_runs(tables.results, self.unit) if len(tables.results) else tables.results
         self.order = tables.variants
         self.metric = tables.objective_metric
         self.minimize = tables.direction == "minimize"

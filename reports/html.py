@@ -98,13 +98,32 @@ def summary_view(summ: pd.DataFrame, metric: str) -> pd.DataFrame:
 STATE_WORDS = {"complete": "complete", "fail": "failed", "pruned": "pruned", "running": "running", "waiting": "waiting"}
 
 
+def _unfinished(summ: pd.DataFrame, idle: list[str], unit: str, planned: int | None) -> str:
+    """What an unfinished study still lacks, in words ("" when nothing): cells no trial of which has started,
+    cells with a search trial running, and cells with a best search trial but fewer replicate runs ended than
+    the ``planned`` ones (without the plan, recorded since this report existed: none ended)."""
+    said = []
+    if idle:
+        said.append(f"{len(idle)} cell{'s' if len(idle) > 1 else ''} with no run yet ({', '.join(idle[:4])}"
+                    f"{', ...' if len(idle) > 4 else ''})")
+    if not summ.empty and "runs" in summ:
+        pending = summ.get("trials_running", pd.Series(0, index=summ.index)).fillna(0) > 0
+        if unit == "replicate":
+            pending |= summ.best_trial.notna() & (summ.runs < planned if planned else summ.runs == 0)
+        if pending.any():
+            said.append(f"{int(pending.sum())} of {len(summ)} cells still searching or awaiting replicate runs "
+                        "(their n is what has ended so far)")
+    return "; ".join(said)
+
+
 def _without_best(summ: pd.DataFrame) -> list[tuple[str, str]]:
-    """(cell, its search trials by state) for each cell that ran search trials but has no best one."""
+    """(cell, its search trials by state) for each cell whose search trials have all ended and none is a best one."""
     states = [c for c in summ.columns if c.startswith("trials_")]
     if summ.empty or "best_trial" not in summ or not states:
         return []
+    ended = summ.get("trials_running", pd.Series(0, index=summ.index)).fillna(0) == 0
     out = []
-    for _, row in summ[summ.best_trial.isna()].iterrows():
+    for _, row in summ[summ.best_trial.isna() & ended].iterrows():
         counts = {STATE_WORDS.get(c.removeprefix("trials_"), c.removeprefix("trials_")): int(row[c])
                   for c in states if row[c] == row[c] and row[c]}
         if counts:
@@ -145,6 +164,11 @@ def page(study: str, study_file: str, summ: pd.DataFrame, vs: pd.DataFrame, refe
                          "so the means, intervals and tests below span the searched configurations, not seeds."
                          "</b> Set <code>replicates</code> to retrain each cell's best configuration with new "
                          "seeds.</p>")
+    collection = manifest["collection"]
+    waiting = _unfinished(summ, collection.get("cells_without_runs", []), unit, collection.get("replicates"))
+    if waiting:
+        parts.append("<p><b>The study is unfinished</b> (<code>rnnbench run</code> resumes it; "
+                     "<code>rnnbench status</code> shows where it is): " + e(waiting) + ".</p>")
     superseded = int(summ.superseded.sum()) if "superseded" in summ else 0
     if superseded:
         parts.append(f"<p><b>{superseded} replicate run{'s' if superseded > 1 else ''} superseded</b>: retrained "

@@ -101,12 +101,13 @@ def superseded(results: pd.DataFrame, direction: str) -> pd.Series:
     return pd.Series((rows.kind == "replicate").to_numpy() & ~current.to_numpy(), index=results.index)
 
 
-def selected_runs(results: pd.DataFrame) -> pd.DataFrame:
+def selected_runs(results: pd.DataFrame, unit: str | None = None) -> pd.DataFrame:
     """The runs the aggregation policy uses (see :func:`policy`), with ``value`` (finite objective or
-    NaN) and ``success`` (0/1) columns. Tables saved before the ``superseded`` column existed have
+    NaN) and ``success`` (0/1) columns: the ``unit``'s ("replicate" or "search"; default :func:`unit_of`,
+    ``Tables.unit`` knows the study's plan). Tables saved before the ``superseded`` column existed have
     every replicate run counted."""
     results = with_capacity(results)
-    unit = unit_of(results)
+    unit = unit or unit_of(results)
     keep = (results.kind == unit) & (results.state != "INTERRUPTED")
     if "superseded" in results:
         keep &= ~results.superseded.astype(bool)
@@ -210,7 +211,7 @@ def summary(tables: Tables) -> pd.DataFrame:
     if "superseded" in results:
         out["superseded"] = results[results.superseded.astype(bool)].groupby(cell).size()
         out["superseded"] = out.superseded.fillna(0).astype(int)
-    out = out.join(cell_stats(selected_runs(results)).set_index(cell), how="outer")
+    out = out.join(cell_stats(selected_runs(results, tables.unit)).set_index(cell), how="outer")
     out[["n", "solved", "runs"]] = out[["n", "solved", "runs"]].fillna(0).astype(int)  # a cell with no runs: 0
     firsts = results.groupby(cell, sort=False)
     for col, name in (("ladder", "ladder"), ("capacity", "capacity"), ("metric.baseline", "baseline"),
@@ -236,7 +237,7 @@ def versus_reference(tables: Tables, reference: str) -> pd.DataFrame:
     Welch's t-test, Holm-corrected over all rows (the primary test, :func:`policy`), and Hedges' g. A variant
     the logs hold with no run to aggregate (its search trials all failed) has its row, with n = 0."""
     results = with_capacity(tables.results)
-    runs = selected_runs(results)
+    runs = selected_runs(results, tables.unit)
     group = cell_columns(results)[:-1]  # a cell's columns but the variant
     chosen = {key: g for key, g in runs.groupby(group + ["variant"], sort=False)}
     none = runs.iloc[:0]

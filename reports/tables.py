@@ -44,6 +44,15 @@ class Tables:
         return self.collection.get("objective", {}).get("metric", "loss")
 
     @property
+    def unit(self) -> str:
+        """The runs the statistics aggregate: "replicate" runs when the study plans any (``replicates`` > 0, recorded
+        by the engine) or the logs hold some, else "search" (complete search trials). A study still searching
+        thus shows no runs yet rather than its search trials."""
+        planned = self.collection.get("replicates") or 0
+        logged = bool(len(self.results)) and bool((self.results.kind == "replicate").any())
+        return "replicate" if planned > 0 or logged else "search"
+
+    @property
     def direction(self) -> str:
         return self.collection.get("objective", {}).get("direction", "minimize")
 

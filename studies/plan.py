@@ -112,13 +112,19 @@ class Plan:
         return sum(c.trials + c.replicates for c in self.cells)
 
 
-def estimate(spec: Spec, root: Path, workers: int = 1, cores: int | None = None) -> Plan:
-    """Calibrate what is not cached, estimate every cell's runs, schedule them on ``workers``."""
+def estimate(spec: Spec, root: Path, workers: int = 1, cores: int | None = None, on_cell=None) -> Plan:
+    """Calibrate what is not cached, estimate every cell's runs, schedule them on ``workers``. The cache is
+    written after each cell that measured something, so an interrupted plan keeps what it measured.
+    ``on_cell(i, n, cell)`` is told before each cell's configurations are looked at."""
     cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     cache_path = Path(root) / CACHE
     cache = _read_cache(cache_path)
     measured, plans = 0, []
-    for cell in cells(spec):
+    every = cells(spec)
+    for i, cell in enumerate(every):
+        if on_cell:
+            on_cell(i, len(every), cell)
+        before = measured
         task, searched = cell.build_task(), {name for name, _ in cell.search_space}
         configs, counts, widths, steps, runs = _configs(spec, cell, task), [], [], [], []
         for hp in configs:
@@ -158,8 +164,8 @@ def estimate(spec: Spec, root: Path, workers: int = 1, cores: int | None = None)
         search_group, replicate_group = (min(r[j] for r in runs) for j in (2, 3))
         plans.append(CellPlan(cell, (min(counts), max(counts)), (min(widths), max(widths)), spec.trials,
                               spec.replicates, search_s, replicate_s, mean(steps), search_group, replicate_group))
-    if measured:
-        _write_cache(cache_path, cache)
+        if measured > before:
+            _write_cache(cache_path, cache)
     # Scheduled as workers claim: a population is one job, a search generation ceil(generation / group) jobs.
     rows = [(c.search_seconds * c.search_group, math.ceil(c.trials / c.search_group),
              c.replicate_seconds * c.replicate_group, math.ceil(c.replicates / c.replicate_group),

@@ -93,7 +93,7 @@ def describe_experiment(client, exp_id: str, spec: Spec, spec_text: str) -> None
     text = spec_text if len(spec_text) <= NOTE_LIMIT else (
         spec_text[:NOTE_LIMIT] + "\n# ... (truncated: the study file is longer)")
     client.set_experiment_tag(exp_id, "mlflow.note.content", f"```yaml\n{text}\n```")
-    meta = {"objective": spec.objective.model_dump(), "reference": spec.reference_label,
+    meta = {"objective": spec.objective.model_dump(), "reference": spec.reference_label, "replicates": spec.replicates,
             "variant_order": [v.name for v in spec.variants],
             "task_order": list(dict.fromkeys(t["task"] for t in spec.tasks))}
     client.set_experiment_tag(exp_id, "rnnbench.study_meta", json.dumps(meta))

@@ -345,3 +345,15 @@ def test_check_command_fails_a_broken_cell_and_a_broken_import(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: typo.py: AttributeError: module 'variants' has no attribute 'regster'"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["task", "delayed_xor", "--imports", "examples.delayed_xor", "--set", "lagg=4"],
+     "error: task 'delayed_xor' has no setting 'lagg'; allowed: seq_len, lag, p_one"),
+    (["variant", "lstm", "--switch", "peepholes=true"], "error: variant 'lstm' has no switch 'peepholes'; allowed: "),
+    (["variant", "mingru"], "error: unknown variant 'mingru'; known: "),
+])
+def test_check_command_says_a_users_typo_in_one_line(args, message):
+    proc = rnnbench("check", *args, cwd=ROOT, check=False)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.startswith(message), proc.stderr
+    assert proc.stderr.count("\n") == 1 and ("--imports" in proc.stderr) == (args[1] == "mingru")

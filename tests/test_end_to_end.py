@@ -1,5 +1,6 @@
 """The walking skeleton, for real: study file -> Optuna -> MLflow -> report, through the command line."""
 
+import json
 import optuna
 import pandas as pd
 from mlflow.tracking import MlflowClient
@@ -61,7 +62,10 @@ def test_report_table_and_figures(tiny_study):
     assert table.groupby(["task", "seq_len", "variant"]).size().eq(TRIALS + REPLICATES).all()
     figures = list((out / "figures").glob("*.png"))
     assert figures and all(f.stat().st_size > 1000 for f in figures)
-    assert "<img" in (out / "index.html").read_text()
+    page = (out / "index.html").read_text()
+    assert "<img" in page and "The study is unfinished" not in page
+    collection = json.loads((out / "manifest.json").read_text())["collection"]
+    assert collection["replicates"] == REPLICATES and "cells_without_runs" not in collection
 
 
 def test_rerun_resumes_without_new_trials(tiny_study):

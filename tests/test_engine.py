@@ -459,6 +459,7 @@ def test_a_cell_whose_first_trials_fail_alike_is_stopped(tmp_path):
     proc = rnnbench("run", spec_path, "--root", root, *sets, check=False)
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.splitlines()[-1].startswith("study stops did not complete: 1 cell(s) stopped")
+    assert proc.stdout.splitlines()[-1].endswith("so run that as a study of another name")  # Divergence's hint
     line = next(l for l in proc.stdout.splitlines() if "stopped: its first 3 trials failed with" in l)
     assert "cell adding(seq_len=6)/rnn stopped" in line and "Divergence" in line
     gru, rnn = rnn_trials()

@@ -112,3 +112,32 @@ def test_bench_options_it_cannot_honour_are_one_line_errors():
                        (["--population", "--hidden", "64"], "error: --population times fixed shapes")):
         result = CliRunner().invoke(cli, ["bench", *args])
         assert result.exit_code == 2 and result.output.startswith(said), result.output
+
+
+def test_an_interrupted_plan_keeps_the_cells_it_measured(tmp_path, monkeypatch):
+    monkeypatch.setattr(plans, "calibrate", lambda *a, **k: {"step": 0.01, "eval": 0.0, "probe": 0.0})
+    monkeypatch.setattr(plans, "population_step_seconds", lambda task, spec, size, batch: 0.01)
+    monkeypatch.setattr(plans, "engine_start_seconds", lambda: 0.0)
+    path = tmp_path / "s.yaml"
+    path.write_text(TINY)
+    spec, _, _ = specs.load(path)
+    seen = []
+
+    def stop_at_the_third(i, n, cell):
+        seen.append((i, n, cell.key))
+        if i == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        plans.estimate(spec, tmp_path, on_cell=stop_at_the_third)
+    assert [s[:2] for s in seen] == [(0, 6), (1, 6), (2, 6)]
+    def models(cache):  # one model's timings; "key/P" entries are populations'
+        return {k for k in cache if "/" not in k}
+
+    cached = models(plans._read_cache(tmp_path / plans.CACHE))
+    assert len(cached) == 2  # the two cells timed before the interrupt, each written as it ended
+    calls = []
+    monkeypatch.setattr(plans, "calibrate", lambda *a, **k: calls.append(a) or {"step": 0.01, "eval": 0.0,
+                                                                                 "probe": 0.0})
+    plans.estimate(spec, tmp_path)
+    assert len(calls) == len(models(plans._read_cache(tmp_path / plans.CACHE))) - len(cached) == 4  # the rest only

@@ -277,6 +277,28 @@ def test_a_study_without_replicates_says_its_intervals_span_configurations(tmp_p
     assert "search trials are ranked and replicate runs scored on the same set" in page  # the held-out set
 
 
+def test_an_unfinished_study_says_so_and_keeps_to_its_replicate_runs(tmp_path):
+    t = synthetic(n=3, tasks=("adding",))
+    res = t.results
+    res = res[~((res.variant == "bad") & (res.kind == "replicate"))]  # bad: searched, replicates pending
+    running = dict(res[res.variant == "twin"].iloc[0], run_id="x-run", kind="search", trial=9, state="RUNNING",
+                   objective=None)
+    t.results = pd.concat([res, pd.DataFrame([running])], ignore_index=True)
+    t.collection.update(replicates=3, cells_without_runs=["adding(seq_len=40)/lstm"])
+    assert t.unit == "replicate"
+    page = build_report(t, tmp_path).read_text()
+    assert "<b>The study is unfinished</b>" in page
+    assert "1 cell with no run yet (adding(seq_len=40)/lstm)" in page
+    assert "3 of 6 cells still searching or awaiting replicate runs" in page  # bad at both lengths, twin at 10
+    summ = pd.read_csv(tmp_path / "summary.csv").set_index(["variant", "ladder_value"])
+    assert summ.loc[("bad", 10), "n"] == 0  # not its search trials in the replicates' place
+    # the logs with no replicate run yet, the plan with some: still the replicate runs, none of them
+    t.results = t.results[t.results.kind == "search"]
+    assert t.unit == "replicate" and "This study has no replicate runs" not in build_report(t, tmp_path).read_text()
+    t.collection["replicates"] = 0
+    assert t.unit == "search"
+
+
 def test_stopped_cells_are_collected_from_optuna_and_listed_on_the_page(tmp_path):
     import optuna
     storage = optuna.storages.InMemoryStorage()

@@ -265,6 +265,18 @@ def test_cli_internal_errors_show_the_traceback(monkeypatch, exc, code):
         assert lines == [f"error: {exc.args[0]}"]
 
 
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch):
+    from click.testing import CliRunner
+
+    from rnnbench import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(specs, "load", interrupted)
+    result = CliRunner().invoke(cli, ["plan", "quickstart"])
+    assert result.exit_code == 130 and result.stderr == "rnnbench plan: stopped\n"
+
+
 # --- Greff's protocol: optimizer, momentum, Nesterov; switches in the search space -----------------------
 
 def test_optimizer_momentum_and_nesterov(tmp_path):

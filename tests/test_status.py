@@ -70,6 +70,15 @@ def test_status_without_a_store_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no study store here yet" in proc.stderr
 
 
+def test_status_of_a_study_the_store_does_not_hold_names_the_ones_it_does(tmp_path):
+    _, path, root, _ = fake_study(tmp_path, fail_slot=None)
+    other = tmp_path / "other.yaml"
+    other.write_text(TINY.replace("name: tiny", "name: other"))
+    proc = rnnbench("status", other, "--root", root, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "no study 'other' here (it holds: tiny)" in proc.stderr and proc.stdout == ""
+
+
 def test_last_error_is_the_latest_failure_of_the_cell(tmp_path):
     spec, _, _, storage = fake_study(tmp_path)
     rows = queue.progress(spec, storage)
