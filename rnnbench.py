@@ -354,7 +354,7 @@ def status(spec, root, storage, overrides):
             specs.load(spec, overrides)  # a mistake in the study file is said first
             raise UserError(f"{root.resolve()}: no study store here yet; run `rnnbench run {spec} --root {root}` first")
         optuna_storage = JournalStorage(JournalFileBackend(str(journal)))
-    held = sorted({s.study_name.split("/")[0] for s in optuna_storage.get_all_studies()})
+    held = sorted({s.study_name.split("/")[0] for s in optuna_storage.get_all_studies() if "/" in s.study_name})
     if parsed.name not in held:  # a mistyped --root or --set name=: not a table of zeros
         where = f"--storage {storage}" if storage else str(root.resolve())
         raise UserError(f"{where}: no study {parsed.name!r} here (it holds: {', '.join(held) or 'none'}); "

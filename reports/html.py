@@ -95,7 +95,7 @@ def summary_view(summ: pd.DataFrame, metric: str) -> pd.DataFrame:
     return view
 
 
-STATE_WORDS = {"complete": "complete", "fail": "failed", "pruned": "pruned", "running": "running", "waiting": "waiting"}
+STATE_WORDS = {"fail": "failed"}  # the summary's trials_<state> columns, said in a sentence
 
 
 def _unfinished(summ: pd.DataFrame, idle: list[str], unit: str, planned: int | None) -> str:
