@@ -361,6 +361,7 @@ def status(spec, root, storage, overrides):
                         f"run `rnnbench run {spec}` with this store first, or check --root and --set")
     if not parsed.deep and not prepared_as_defined(parsed, optuna_storage):
         parsed, _, _ = specs.load(spec, overrides)
+    if parsed.deep:  # reloaded, or a study file with imports (always loaded deeply): its cells as prepared?
         check_fingerprints(parsed, optuna_storage, "give `status` the study file and --set the study was run with")
     status_table(parsed, progress(parsed, optuna_storage))
 

@@ -103,17 +103,13 @@ class MemberResult(TrainResult):
 
 
 def _family(rnn: nn.Module) -> str | None:
-    if isinstance(rnn, LSTM):
-        return "lstm"
-    if isinstance(rnn, GRU):
+    """The population walk that computes ``rnn``'s equations, or None. The class itself, not a subclass: a
+    user's cell derived from a shipped one (its own ``forward`` or ``_layer``) computes something else, which
+    the population's walks know nothing of; it trains one by one."""
+    cls = type(rnn)
+    if cls is GRU:
         return "gru_cho" if not rnn.reset_after else "gru"
-    if isinstance(rnn, ElmanRNN):
-        return "rnn"
-    if isinstance(rnn, DepthGatedLSTM):
-        return "depth_gated"
-    if isinstance(rnn, ClockworkRNN):
-        return "clockwork"
-    return None
+    return {LSTM: "lstm", ElmanRNN: "rnn", DepthGatedLSTM: "depth_gated", ClockworkRNN: "clockwork"}.get(cls)
 
 
 def _meta_rnn(variant: str, switches: dict[str, Any] | None, num_layers: int = 1) -> nn.Module | None:

@@ -147,8 +147,13 @@ TASKS: dict[str, type[Task]] = {}
 
 
 def register(cls: type[Task]) -> type[Task]:
+    from variants import NAME  # one rule for the names in cell keys
+
+    if not isinstance(cls.name, str) or not NAME.fullmatch(cls.name):
+        raise ValueError(f"task name {cls.name!r}: use letters, digits, _ . - (it is part of cell keys such as "
+                         "adding(seq_len=100)/lstm)")
     if cls.name in TASKS:
-        raise ValueError(f"task {cls.name!r} registered twice")
+        raise ValueError(f"task {cls.name!r} registered twice (the name is taken: give yours another)")
     TASKS[cls.name] = cls
     return cls
 

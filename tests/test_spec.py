@@ -53,6 +53,7 @@ def test_minimal_spec_loads_with_defaults(tmp_path):
     (BASE + "reference: gru\n", "reference", "not among the variants"),
     (BASE.replace("[rnn]", "[rnn, lstn]"), "variants[1]", "unknown variant 'lstn'"),
     (BASE.replace("[rnn]", "[{variant: lstm, switches: {peepholes: true}}]"), "variants[0]", "allowed:"),
+    (BASE.replace("[rnn]", "[{variant: lstm, switches: {peephole: 'no'}}]"), "variants[0]", "takes true or false"),
     (BASE.replace("[rnn]", "[rnn, rnn]"), "variants", "used twice"),
     (BASE.replace("adding", "addition"), "tasks[0]", "unknown task 'addition'"),
     (BASE.replace("seq_len: 10", "lenght: 10"), "tasks[0]", "has no setting 'lenght'; allowed: seq_len"),

@@ -79,6 +79,23 @@ def test_status_of_a_study_the_store_does_not_hold_names_the_ones_it_does(tmp_pa
     assert "no study 'other' here (it holds: tiny)" in proc.stderr and proc.stdout == ""
 
 
+def test_status_of_a_study_with_imports_refuses_other_settings(tmp_path):
+    """A study file with imports is always loaded in full: status compared nothing with the store then."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).resolve().parent.parent / "examples" / "delayed_xor.py", tmp_path)
+    path = tmp_path / "tiny.yaml"
+    path.write_text("imports: [delayed_xor.py]\n" + TINY)
+    spec, _, _ = specs.load(path)
+    root = tmp_path / "runs"
+    root.mkdir()
+    queue.prepare_studies(spec, JournalStorage(JournalFileBackend(str(root / "optuna.journal"))))
+    assert "0/24 trials ended" in rnnbench("status", path, "--root", root).stdout
+    proc = rnnbench("status", path, "--root", root, "--set", "train.steps=41", check=False)
+    assert proc.returncode == 2 and "changed this cell's definition" in proc.stderr, proc.stderr
+
+
 def test_last_error_is_the_latest_failure_of_the_cell(tmp_path):
     spec, _, _, storage = fake_study(tmp_path)
     rows = queue.progress(spec, storage)

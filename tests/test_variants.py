@@ -8,12 +8,13 @@ the input and of every parameter.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 from torch import nn
 
-from variants import (VARIANTS, build_variant, check_switches, count_parameters, get_variant,
+from variants import (VARIANTS, build_variant, check_switches, count_parameters, get_variant, register,
                       hidden_for_param_budget)
 from variants.bench import benchmark, format_table
 from variants.contract import assert_contract
@@ -445,6 +446,30 @@ def test_refused_combinations_name_the_problem():
         build_variant("rnn", 3, 4, nonlinearity="sigmoid")
     with pytest.raises(ValueError, match="allowed: .*peephole"):
         check_switches("lstm", {"peepholes": True})
+
+
+@pytest.mark.parametrize("name, switches, words", [
+    ("lstm", {"peephole": "no"}, "switch 'peephole' takes true or false (its default is False), got 'no'"),
+    ("lstm", {"peephole": 1}, "takes true or false"),
+    ("lstm", {"forget_bias": True}, "switch 'forget_bias' takes a number"),
+    ("rnn", {"nonlinearity": 1}, "switch 'nonlinearity' takes a string"),
+])
+def test_a_switch_of_another_kind_than_its_default_is_refused(name, switches, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        check_switches(name, switches)
+    check_switches("lstm", {"forget_bias": 1, "peephole": True})  # an int for a float is a number
+
+
+@pytest.mark.parametrize("bad", ["", "my/cell", "my cell", "lstm(x)", "a=b", "1st"])
+def test_names_that_would_break_cell_keys_are_refused(bad):
+    from tasks import Task, register as register_task
+
+    with pytest.raises(ValueError, match="use letters, digits"):
+        register(bad, description="-", paper="-")(nn.RNN)
+    with pytest.raises(ValueError, match="use letters, digits"):
+        register_task(type("T", (Task,), {"name": bad}))
+    with pytest.raises(ValueError, match="the name is taken"):
+        register("lstm", description="-", paper="-")(nn.RNN)
 
 
 def test_registry_names():

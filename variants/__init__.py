@@ -26,6 +26,7 @@ it by that short name. ``build_variant`` rejects switches the variant does not h
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,6 +44,7 @@ class VariantInfo:
 
 
 VARIANTS: dict[str, VariantInfo] = {}
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")  # what a variant or task may be called
 _CORE_ARGS = ("input_size", "hidden_size", "num_layers", "dropout")
 
 
@@ -60,8 +62,11 @@ def register(name: str, *, description: str, paper: str, **preset: Any):
         unknown = set(preset) - set(defaults)
         if unknown:
             raise TypeError(f"preset {name!r} sets unknown switches {sorted(unknown)}")
+        if not NAME.fullmatch(name):
+            raise ValueError(f"variant name {name!r}: use letters, digits, _ . - (it is part of cell keys such as "
+                             "adding(seq_len=100)/lstm)")
         if name in VARIANTS:
-            raise ValueError(f"variant {name!r} registered twice")
+            raise ValueError(f"variant {name!r} registered twice (the name is taken: give yours another)")
 
         def build(input_size, hidden_size, num_layers=1, dropout=0.0, **switches):
             return cls(input_size, hidden_size, num_layers=num_layers, dropout=dropout,
@@ -81,13 +86,22 @@ def get_variant(name: str) -> VariantInfo:
 
 
 def check_switches(name: str, switches: dict[str, Any]) -> None:
-    """Raise ValueError naming the allowed switches if ``switches`` has one ``name`` lacks."""
+    """Raise ValueError naming the allowed switches if ``switches`` has one ``name`` lacks, or a value of
+    another kind than the switch's default (a bool for a bool: YAML's quoted "no" is a true string)."""
     allowed = get_variant(name).switches
     unknown = sorted(set(switches) - set(allowed))
     if unknown:
         listed = ", ".join(sorted(allowed)) or "none"
         raise ValueError(f"variant {name!r} has no switch {', '.join(map(repr, unknown))}; "
                          f"allowed: {listed}")
+    for key, value in switches.items():
+        default = allowed[key]
+        kinds = ((bool,) if isinstance(default, bool) else (int,) if isinstance(default, int)
+                 else (int, float) if isinstance(default, float) else (str,) if isinstance(default, str) else None)
+        if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            kind = {(bool,): "true or false", (int,): "an integer", (int, float): "a number", (str,): "a string"}[kinds]
+            raise ValueError(f"variant {name!r}: switch {key!r} takes {kind} (its default is {default!r}), "
+                             f"got {value!r}")
 
 
 def build_variant(name: str, input_size: int, hidden_size: int, num_layers: int = 1,
