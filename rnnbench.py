@@ -53,8 +53,10 @@ def _user_error_types() -> tuple[type[Exception], ...]:
     from studies.queue import StudyChanged
     from studies.spec import SpecError
     from studies.store import RootBusy, StoreUnavailable, StoreURLError
+    from studies.tracking import LostTrials
     from tasks import TaskSettingError
-    return SpecError, StudyChanged, RootBusy, StoreUnavailable, StoreURLError, WorkersDying, TaskSettingError
+    return (SpecError, StudyChanged, RootBusy, StoreUnavailable, StoreURLError, WorkersDying, TaskSettingError,
+            LostTrials)
 
 
 def user_errors(fn):
@@ -69,6 +71,12 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except OSError as e:
+            import errno
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
+                raise
+            raise UserError(f"{e.filename or 'a file'}: {e.strerror} (a store, report or cache folder must be "
+                            "writable: check --root, --out)") from None
         except Exception as e:
             if not (isinstance(e, _user_error_types()) or type(e) is LookupError):
                 raise  # KeyError, IndexError...: a bug, not a missing study or report

@@ -25,7 +25,8 @@ from studies import queue
 from studies.crash import crash_point
 from studies.spec import Cell, Spec
 from studies.store import Store, pid_alive
-from studies.tracking import close_run, describe_experiment, finish_parents, parent_runs, reconcile_runs
+from studies.tracking import (check_trials_kept, close_run, describe_experiment, finish_parents, parent_runs,
+                              reconcile_runs)
 
 CLAIM_GRACE = 60.0  # seconds a claimed trial may go without its worker recorded on it
 START_GRACE = 2.0  # the same, for a launcher starting on the embedded store
@@ -42,6 +43,7 @@ def prepare(spec: Spec, spec_text: str, store: Store, storage, client) -> tuple[
     ``spec`` does not name (run by another study file of the same name; its reports show them too)."""
     recorded = queue.prepare_studies(spec, storage)  # checks every cell before writing to MLflow
     exp_id = store.experiment_id(client, spec.name, create=True)
+    check_trials_kept(storage, client, exp_id, spec.name)
     describe_experiment(client, exp_id, spec, spec_text)
     parents, others = parent_runs(client, exp_id, spec, recorded)
     queue.record_parents(spec, storage, parents)

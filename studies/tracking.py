@@ -127,6 +127,35 @@ def close_run(client, run_id: str, state: TrialState, interrupted: str | None = 
     client.set_terminated(run_id, status)
 
 
+class LostTrials(RuntimeError):
+    """The tracking store holds trial runs whose Optuna trials are gone: the Optuna storage was replaced."""
+
+
+def check_trials_kept(storage, client, exp_id: str, study: str) -> None:
+    """Raise :class:`LostTrials` if a trial run of the experiment names an Optuna trial the storage does not
+    hold (its journal deleted or replaced after they ran): going on would run those slots again, and the
+    report would hold both runs of each. Trials are never deleted, so a healthy store holds every one."""
+    runs = client.search_runs([exp_id], "tags.`rnnbench.role` = 'trial'", max_results=50000)
+    held: dict[str, set[int]] = {}
+    lost = []
+    for run in runs:
+        tags = run.data.tags
+        name = tags.get("rnnbench.optuna_study")
+        if name is None:
+            continue
+        if name not in held:
+            try:
+                held[name] = {t.number for t in queue.open_study(storage, name).get_trials(deepcopy=False)}
+            except KeyError:
+                held[name] = set()
+        if int(tags.get("rnnbench.trial", -1)) not in held[name]:
+            lost.append(f"{name.split('/', 1)[-1]} trial {tags.get('rnnbench.trial')}")
+    if lost:
+        raise LostTrials(f"study {study!r}: the tracking store holds {len(lost)} trial run(s) whose Optuna trials "
+                         f"are gone (e.g. {lost[0]}): the Optuna storage was deleted or replaced after they ran. "
+                         "Restore it, or run the study under another name or --root; nothing was changed")
+
+
 def reconcile_runs(storage, client, exp_id: str) -> int:
     """End every trial run still RUNNING whose Optuna trial has ended (a worker can die between telling
     Optuna and closing the run, or between creating the run and recording its id on the trial)."""

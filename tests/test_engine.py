@@ -217,6 +217,29 @@ def test_prepare_names_the_cells_another_file_of_the_same_name_added(tmp_path):
         assert prepare(spec, path.read_text(), store, storage, client)[2] == others
 
 
+def test_a_deleted_journal_is_refused_rather_than_its_trials_run_again(tmp_path):
+    from studies import queue
+    from studies.launcher import prepare, top_up
+    from studies.tracking import LostTrials
+
+    spec_path = write_spec(tmp_path, KILL)
+    spec, _, _ = specs.load(spec_path)
+    store = Store(tmp_path / "runs")
+    storage, client = store.optuna_storage(), store.mlflow_client()
+    exp_id, _, _ = prepare(spec, spec_path.read_text(), store, storage, client)
+    top_up(spec, storage)
+    study = queue.open_study(storage, optuna_name(spec, specs.cells(spec)[0], "search"))
+    trial = queue.claim(study)
+    client.create_run(exp_id, tags={"rnnbench.role": "trial", "rnnbench.trial": str(trial.number),
+                                    "rnnbench.optuna_study": study.study_name})
+    prepare(spec, spec_path.read_text(), store, storage, client)  # the trial is there: fine
+    (store.root / "optuna.journal").unlink()
+    fresh = Store(store.root).optuna_storage()
+    with pytest.raises(LostTrials, match=r"holds 1 trial run\(s\) whose Optuna trials are gone \(e.g. "
+                                         r"adding\(seq_len=40\)/lstm trial 0\)"):
+        prepare(spec, spec_path.read_text(), store, fresh, client)
+
+
 def test_reap_closes_dead_or_silent_workers_trials_only(tmp_path):
     from studies import queue
     from studies.launcher import prepare, reap, top_up

@@ -266,6 +266,24 @@ def test_cli_internal_errors_show_the_traceback(monkeypatch, exc, code):
         assert lines == [f"error: {exc.args[0]}"]
 
 
+@pytest.mark.parametrize("code, exit_code", [(30, 2), (13, 2), (28, 2), (2, 1)])  # EROFS EACCES ENOSPC; ENOENT: a bug
+def test_a_store_that_cannot_be_written_is_one_line(monkeypatch, code, exit_code):
+    import os
+
+    from click.testing import CliRunner
+
+    from rnnbench import cli
+
+    def unwritable(*args, **kwargs):
+        raise OSError(code, os.strerror(code), "/x/run.lock")
+    monkeypatch.setattr(specs, "load", unwritable)
+    result = CliRunner().invoke(cli, ["status", "quickstart"])
+    assert result.exit_code == exit_code, result.output
+    if exit_code == 2:
+        assert result.stderr.splitlines() == [f"error: /x/run.lock: {os.strerror(code)} (a store, report or cache "
+                                              "folder must be writable: check --root, --out)"]
+
+
 def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch):
     from click.testing import CliRunner
 
