@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -172,7 +173,15 @@ def run(spec, root, workers, threads, storage, tracking_uri, stale_after, device
     failed = sum(r.search["FAIL"] - r.search["interrupted"] + r.replicate["FAIL"] - r.replicate["interrupted"]
                  for r in rows)
     stopped = [r.cell.key for r in rows if r.stopped is not None]
-    diverged = any("Divergence" in str(r.stopped) for r in rows if r.stopped is not None)
+    reasons = [str(r.stopped) for r in rows if r.stopped is not None]
+    if any(re.search(r"^Divergence.* at step 1\b", why) for why in reasons):
+        hint = ("; a loss already non-finite at step 1, before any update, is the cell's or the task's doing: "
+                "`rnnbench check variant|task NAME`")
+    elif any(why.startswith("Divergence") for why in reasons):
+        hint = ("; a loss that diverged is the hyperparameters' doing: a narrower search space changes the cells' "
+                "definition, so run that as a study of another name")
+    else:
+        hint = ""
     if not stopped:
         click.echo(f"done: {parsed.name}" + (f" ({failed} failed trials; see `rnnbench status`)" if failed else ""))
     where = f"--storage {storage} --tracking-uri {tracking_uri}" if storage else f"--root {root}"
@@ -184,9 +193,7 @@ def run(spec, root, workers, threads, storage, tracking_uri, stale_after, device
     if stopped:
         click.echo(f"study {parsed.name} did not complete: {len(stopped)} cell(s) stopped, their first trials all "
                    f"failed with the same error ({', '.join(stopped)}); see `rnnbench status`, fix the cause, then "
-                   f"rerun with --retry-stopped"
-                   + ("; a loss that diverged is the hyperparameters' doing: a narrower search space changes the "
-                      "cells' definition, so run that as a study of another name" if diverged else ""))
+                   f"rerun with --retry-stopped{hint}")
         sys.exit(1)
 
 

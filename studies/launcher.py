@@ -218,7 +218,8 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
                                     stdout=log, stderr=subprocess.STDOUT,
                                     pass_fds=(lock_fd,), env=env)
 
-        procs = [start(i) for i in range(workers)]
+        finished = all(r.done() for r in queue.progress(spec, storage))  # a rerun of a finished study: no workers
+        procs = [] if finished else [start(i) for i in range(workers)]
         last_reap = time.monotonic()
         while True:
             rows = stop_failing(spec, storage, queue.progress(spec, storage))

@@ -559,11 +559,18 @@ def load(path_or_name: str | Path, overrides: tuple[str, ...] | list[str] = (),
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         field = _loc(err["loc"])
-        raise SpecError(f"{blame(field)}: {field}: {msg}" if err["loc"] else f"{blame('')}: {msg}") from None
+        raise SpecError((f"{blame(field)}: {field}: {msg}" if err["loc"] else f"{blame('')}: {msg}")
+                        + _own_hint(msg, data)) from None
     except SpecError as e:  # from the checks above: "field: message"
         field = str(e).split(":", 1)[0] if ":" in str(e) else ""
-        raise SpecError(f"{blame(field)}: {e}") from None
+        raise SpecError(f"{blame(field)}: {e}{_own_hint(str(e), data)}") from None
     return spec, path, hashlib.sha256(text.encode()).hexdigest()
+
+
+def _own_hint(message: str, data: dict) -> str:
+    """For an unknown variant or task in a study file that imports nothing: where a user's own one comes from."""
+    unknown = "unknown variant" in message or "unknown task" in message
+    return " (your own? list its file under `imports:`)" if unknown and not data.get("imports") else ""
 
 
 def _override_keys(override: str) -> tuple[list[str | int], Any]:

@@ -69,8 +69,11 @@ def test_report_table_and_figures(tiny_study):
 
 
 def test_rerun_resumes_without_new_trials(tiny_study):
+    logs = sorted((tiny_study.root / "logs").glob("worker-*.log"))
+    before = [f.read_bytes() for f in logs]
     proc = rnnbench("run", tiny_study.spec, "--root", tiny_study.root)
     assert "done" in proc.stdout
+    assert [f.read_bytes() for f in logs] == before  # a finished study starts no worker
     client = MlflowClient(Store(tiny_study.root).tracking_uri)
     exp = client.get_experiment_by_name("tiny")
     children = client.search_runs([exp.experiment_id], "tags.`rnnbench.role` = 'trial'", max_results=1000)

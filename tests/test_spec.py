@@ -56,6 +56,8 @@ def test_minimal_spec_loads_with_defaults(tmp_path):
     (BASE.replace("[rnn]", "[{variant: lstm, switches: {peephole: 'no'}}]"), "variants[0]", "takes true or false"),
     (BASE.replace("[rnn]", "[rnn, rnn]"), "variants", "used twice"),
     (BASE.replace("adding", "addition"), "tasks[0]", "unknown task 'addition'"),
+    (BASE.replace("[rnn]", "[mingru]"), "variants[0]", "rnn (your own? list its file under `imports:`)"),
+    (BASE.replace("adding", "delayed_xor"), "tasks[0]", "(your own? list its file under `imports:`)"),
     (BASE.replace("seq_len: 10", "lenght: 10"), "tasks[0]", "has no setting 'lenght'; allowed: seq_len"),
     (BASE.replace("seq_len: 10", "seq_len: 1"), "tasks[0]", "adding.seq_len"),
     (BASE.replace("seq_len: 10", "seq_len: [10, 0]"), "tasks[0]", "adding.seq_len"),
