@@ -217,10 +217,10 @@ def test_prepare_names_the_cells_another_file_of_the_same_name_added(tmp_path):
         assert prepare(spec, path.read_text(), store, storage, client)[2] == others
 
 
-def test_a_deleted_journal_is_refused_rather_than_its_trials_run_again(tmp_path):
-    from studies import queue
+def prepared_kill_study(tmp_path):
+    """The KILL study prepared and topped up on an embedded store, no worker: (spec, its path, store, Optuna
+    storage, MLflow client, experiment id)."""
     from studies.launcher import prepare, top_up
-    from studies.tracking import LostTrials
 
     spec_path = write_spec(tmp_path, KILL)
     spec, _, _ = specs.load(spec_path)
@@ -228,6 +228,15 @@ def test_a_deleted_journal_is_refused_rather_than_its_trials_run_again(tmp_path)
     storage, client = store.optuna_storage(), store.mlflow_client()
     exp_id, _, _ = prepare(spec, spec_path.read_text(), store, storage, client)
     top_up(spec, storage)
+    return spec, spec_path, store, storage, client, exp_id
+
+
+def test_a_deleted_journal_is_refused_rather_than_its_trials_run_again(tmp_path):
+    from studies import queue
+    from studies.launcher import prepare
+    from studies.tracking import LostTrials
+
+    spec, spec_path, store, storage, client, exp_id = prepared_kill_study(tmp_path)
     study = queue.open_study(storage, optuna_name(spec, specs.cells(spec)[0], "search"))
     trial = queue.claim(study)
     client.create_run(exp_id, tags={"rnnbench.role": "trial", "rnnbench.trial": str(trial.number),
@@ -242,14 +251,9 @@ def test_a_deleted_journal_is_refused_rather_than_its_trials_run_again(tmp_path)
 
 def test_reap_closes_dead_or_silent_workers_trials_only(tmp_path):
     from studies import queue
-    from studies.launcher import prepare, reap, top_up
+    from studies.launcher import reap, top_up
 
-    spec_path = write_spec(tmp_path, KILL)
-    spec, _, _ = specs.load(spec_path)
-    store = Store(tmp_path / "runs")
-    storage, client = store.optuna_storage(), store.mlflow_client()
-    exp_id, _, _ = prepare(spec, spec_path.read_text(), store, storage, client)
-    top_up(spec, storage)
+    spec, _, _, storage, client, exp_id = prepared_kill_study(tmp_path)
     lstm, gru = specs.cells(spec)
     now = time.time()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
