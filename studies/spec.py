@@ -869,6 +869,8 @@ def _check_user_variants(spec: Spec, tasks: list[Task]) -> None:
                     if tuple(out.shape) != (2, 8, hidden):
                         raise ValueError(f"output has shape {tuple(out.shape)}, expected (2, 8, {hidden}) "
                                          f"(batch-first: batch, time, hidden)")
+                    if not torch.isfinite(out).all():  # else every trial fails as "Divergence" at step 1
+                        raise ValueError("output is not finite (NaN or inf) at initialisation")
                     out.sum().backward()
             except Exception as e:  # noqa: BLE001 - the user's code: any error is the message
                 text = str(e).strip().splitlines()

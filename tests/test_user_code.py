@@ -120,6 +120,23 @@ BROKEN = {
         """), "[raising_cell, lstm]",
         "variants[0]: variant 'raising_cell' fails on a (2, 8, 2) batch with hidden_size=64: "
         "RuntimeError: shapes do not match"),
+    "nan_output": ("nan_cell.py", textwrap.dedent("""\
+        import torch
+        from torch import nn
+        import variants
+
+        @variants.register("nan_cell", description="NaN from the start", paper="none")
+        class NanCell(nn.Module):
+            def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0):
+                super().__init__()
+                self.w = nn.Linear(input_size, hidden_size)
+
+            def forward(self, x, state=None):
+                out = self.w(x) * float("nan")
+                return out, out[:, -1].unsqueeze(0)
+        """), "[nan_cell, lstm]",
+        "variants[0]: variant 'nan_cell' fails on a (2, 8, 2) batch with hidden_size=64: "
+        "ValueError: output is not finite (NaN or inf) at initialisation"),
     "task_raises": ("bad_task.py", (EXAMPLES / "delayed_xor.py").read_text().replace('"delayed_xor"', '"bad_task"')
                     .replace("        k = self.lag\n", "        raise RuntimeError('sample broke')\n", 1), "[lstm]",
                     "tasks[0]: task 'bad_task' (seq_len=8, lag=2, p_one=0.5) fails on a two-sequence batch: "
