@@ -48,9 +48,11 @@ class Tables:
         """The runs the statistics aggregate: "replicate" runs when the study plans any (``replicates`` > 0, recorded
         by the engine) or the logs hold some, else "search" (complete search trials). A study still searching
         thus shows no runs yet rather than its search trials."""
-        planned = self.collection.get("replicates") or 0
-        logged = bool(len(self.results)) and bool((self.results.kind == "replicate").any())
-        return "replicate" if planned > 0 or logged else "search"
+        from reports.stats import unit_of  # what the logs alone say (stats imports this module)
+
+        if (self.collection.get("replicates") or 0) > 0 or not len(self.results):
+            return "replicate"
+        return unit_of(self.results)
 
     @property
     def direction(self) -> str:

@@ -98,45 +98,39 @@ def test_a_study_whose_imported_cell_was_edited_is_refused_naming_the_file(tmp_p
                                    "study file) changed since the study was prepared"), str(e.value)
 
 
+def _cell(name: str, forward: str) -> str:
+    """A user's cell module registering ``name`` (one Linear layer) whose forward body is ``forward``."""
+    return textwrap.dedent("""\
+        import torch
+        from torch import nn
+        import variants
+
+        @variants.register("{name}", description="broken", paper="none")
+        class Cell(nn.Module):
+            def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0):
+                super().__init__()
+                self.w = nn.Linear(input_size, hidden_size)
+
+            def forward(self, x, state=None):
+                {forward}
+        """).format(name=name, forward=forward)
+
+
 BROKEN = {
     "import_fails": ("broken_cell.py", "import variants\nraise RuntimeError('needs a GPU')\n", "[broken_cell, lstm]",
                      "imports: broken_cell.py: RuntimeError: needs a GPU"),
     "missing_file": ("other.py", "", "[lstm]", "imports: broken_cell.py: no such file"),
     "typo_in_variant": ("typo_cell.py", (EXAMPLES / "mingru.py").read_text().replace('"mingru"', '"typo_cell"'),
                         "[typo_cel, lstm]", "variants[0]: unknown variant 'typo_cel'; known: "),
-    "raises_in_forward": ("raising_cell.py", textwrap.dedent("""\
-        import torch
-        from torch import nn
-        import variants
-
-        @variants.register("raising_cell", description="raises", paper="none")
-        class RaisingCell(nn.Module):
-            def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0):
-                super().__init__()
-                self.w = nn.Linear(input_size, hidden_size)
-
-            def forward(self, x, state=None):
-                raise RuntimeError("shapes do not match")
-        """), "[raising_cell, lstm]",
-        "variants[0]: variant 'raising_cell' fails on a (2, 8, 2) batch with hidden_size=64: "
-        "RuntimeError: shapes do not match"),
-    "nan_output": ("nan_cell.py", textwrap.dedent("""\
-        import torch
-        from torch import nn
-        import variants
-
-        @variants.register("nan_cell", description="NaN from the start", paper="none")
-        class NanCell(nn.Module):
-            def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0):
-                super().__init__()
-                self.w = nn.Linear(input_size, hidden_size)
-
-            def forward(self, x, state=None):
-                out = self.w(x) * float("nan")
-                return out, out[:, -1].unsqueeze(0)
-        """), "[nan_cell, lstm]",
-        "variants[0]: variant 'nan_cell' fails on a (2, 8, 2) batch with hidden_size=64: "
-        "ValueError: output is not finite (NaN or inf) at initialisation"),
+    "raises_in_forward": ("raising_cell.py", _cell("raising_cell", 'raise RuntimeError("shapes do not match")'),
+                          "[raising_cell, lstm]",
+                          "variants[0]: variant 'raising_cell' fails on a (2, 8, 2) batch with hidden_size=64: "
+                          "RuntimeError: shapes do not match"),
+    "nan_output": ("nan_cell.py", _cell("nan_cell", 'out = self.w(x) * float("nan")\n'
+                                                   '        return out, out[:, -1].unsqueeze(0)'),
+                   "[nan_cell, lstm]",
+                   "variants[0]: variant 'nan_cell' fails on a (2, 8, 2) batch with hidden_size=64: "
+                   "ValueError: output is not finite (NaN or inf) at initialisation"),
     "task_raises": ("bad_task.py", (EXAMPLES / "delayed_xor.py").read_text().replace('"delayed_xor"', '"bad_task"')
                     .replace("        k = self.lag\n", "        raise RuntimeError('sample broke')\n", 1), "[lstm]",
                     "tasks[0]: task 'bad_task' (seq_len=8, lag=2, p_one=0.5) fails on a two-sequence batch: "
