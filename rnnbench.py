@@ -63,8 +63,9 @@ def _user_error_types() -> tuple[type[Exception], ...]:
 def user_errors(fn):
     """Turn the project's user-facing errors into one line on stderr and exit code 2.
 
-    Only the project's own error types, and plain ``LookupError``, which reports/ raises for a study or
-    saved report that is not there. Anything else is a bug: :class:`Cli` shows its traceback.
+    Only the project's own error types, plain ``LookupError``, which reports/ raises for a study or saved
+    report that is not there, and an ``OSError`` saying a folder cannot be written (read-only, permission,
+    disk full). Anything else is a bug: :class:`Cli` shows its traceback.
     """
     import functools
 
@@ -285,7 +286,6 @@ def slurm(spec, workers, storage, tracking_uri, time_limit, partition, cpus_per_
     until the study is prepared, and exit when every cell is done. Give it, and the coordinator, the same
     --set as the study: the tasks' workers get them too. See docs/distributed.md.
     """
-    import re
     import subprocess
 
     from studies import spec as specs
@@ -295,7 +295,7 @@ def slurm(spec, workers, storage, tracking_uri, time_limit, partition, cpus_per_
         check_stores(storage, tracking_uri)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if workers < 1:
+    if workers < 1:  # one line (click's range error is a usage block), before the study file is read
         raise UserError(f"--workers {workers}: an array job needs at least 1 task")
     # a mistake in the study file or an override is refused now, not on the nodes
     parsed, path, _ = specs.load(spec, overrides)
@@ -361,7 +361,7 @@ def status(spec, root, storage, overrides):
         parsed, _, _ = specs.load(spec, overrides)  # the error `run` gives
     if storage:
         optuna_storage = _store(root, storage).optuna_storage()
-    else:  # the journal alone: studies.store would import MLflow, most of this command's time
+    else:  # the journal alone, at Store.journal's path: studies.store would import MLflow, most of this command's time
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         journal = root.resolve() / "optuna.journal"
@@ -435,9 +435,9 @@ def report(study, root, storage, tracking_uri, source, out, reference, watch, in
         from reports.collect import collect
 
         store = _store(root, storage, tracking_uri)
-        if tracking_uri is None and not (store.root / "mlflow.db").exists():
+        if tracking_uri is None and not store.mlflow_db.exists():
             raise UserError(f"{store.root}: no study store here; run a study first, or pass the --root it ran with")
-        optuna_storage = store.optuna_storage() if storage or (store.root / "optuna.journal").exists() else None
+        optuna_storage = store.optuna_storage() if storage or store.journal.exists() else None
         client = store.mlflow_client()
         index = build_report(collect(client, study, optuna_storage), out or store.reports_dir(study), reference)
         run_id = publish(client, study, index.parent)
@@ -461,7 +461,7 @@ def _live_report(store, study, out, reference, interval, port) -> int:
                 # Open MLflow's SQLite store only once the launcher has set it up (it records each cell's
                 # parent run in the journal after creating the experiment): two processes creating its
                 # tables at once can break the launcher's.
-                journal = store.root / "optuna.journal"
+                journal = store.journal
                 storage = store.optuna_storage() if journal.exists() else None
                 if storage is None or not any(s.study_name.startswith(f"{study}/") and "mlflow_parent_run_id" in s.user_attrs
                                               for s in storage.get_all_studies()):
@@ -483,10 +483,12 @@ def _live_report(store, study, out, reference, interval, port) -> int:
 @ROOT
 @STORAGE
 @TRACKING
-@click.option("--port", type=int, default=5000, show_default=True, help="Port of the MLflow UI.")
+@click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True,
+              help="Port of the MLflow UI.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; keep loopback unless you mean it.")
 @click.option("--optuna", "with_optuna", is_flag=True, help="Also start optuna-dashboard over the Optuna storage.")
-@click.option("--optuna-port", type=int, default=8080, show_default=True, help="Port of optuna-dashboard.")
+@click.option("--optuna-port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port of optuna-dashboard.")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="MLflow UI server processes (one is plenty for one person).")
 def dashboard(root, storage, tracking_uri, port, host, with_optuna, optuna_port, workers):
@@ -503,7 +505,7 @@ def dashboard(root, storage, tracking_uri, port, host, with_optuna, optuna_port,
     from studies.store import rdb_url
 
     store = _store(root, storage, tracking_uri)
-    if not tracking_uri and not (store.root / "mlflow.db").exists():
+    if not tracking_uri and not store.mlflow_db.exists():
         click.echo(f"note: {store.root} holds no study store yet (a mistyped --root?); the dashboard starts on an "
                    "empty one, and studies run with this --root appear as they start")
     servers = []
@@ -511,7 +513,7 @@ def dashboard(root, storage, tracking_uri, port, host, with_optuna, optuna_port,
         click.echo(f"MLflow UI: {tracking_uri}  (the tracking server is the dashboard)")
     else:
         studies = {}
-        if tracking_uri or (store.root / "mlflow.db").exists():
+        if tracking_uri or store.mlflow_db.exists():
             studies = {e.name: e.experiment_id for e in store.mlflow_client().search_experiments()
                        if "rnnbench.study_meta" in e.tags}
         servers.append(dash.mlflow_ui(store.tracking_uri, None if tracking_uri else (store.root / "artifacts").as_uri(),
@@ -520,7 +522,7 @@ def dashboard(root, storage, tracking_uri, port, host, with_optuna, optuna_port,
         import importlib.util
         if importlib.util.find_spec("optuna_dashboard") is None:
             raise UserError("optuna-dashboard is not installed: pip install 'rnnbench[dashboard]'")
-        journal = store.root / "optuna.journal"
+        journal = store.journal
         if storage is None and not journal.exists():
             raise UserError(f"{journal}: no Optuna storage here; run a study first or pass --root/--storage")
         servers.append(dash.optuna_dashboard(rdb_url(storage) if storage else str(journal), host, optuna_port))
@@ -637,7 +639,8 @@ def _check(kind, name, values, imports):
 @click.option("--seq-len", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--input-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--repeats", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=10, show_default=True,
+              help="Timed repeats (with --population: default 3).")
 @click.option("--population", is_flag=True,
               help="Instead: training steps of populations of 1-32 replicates against sequential runs "
                    "(B=64, T=100, hidden 32/64/128, --threads; more knobs: benchmarks/population.py).")
@@ -652,12 +655,19 @@ def bench(names, batch, hidden, seq_len, input_size, threads, repeats, populatio
     if population:
         from studies.population import benchmark_population, format_population_table
 
-        if names or (batch, hidden, seq_len, input_size) != (64, 128, 200, 32):
-            raise UserError("--population times fixed shapes (B=64, T=100, hidden 32/64/128, every family): "
-                            "for --variants, --batch, --hidden, --seq-len or --input-size use "
-                            "benchmarks/population.py (--families, --hidden, --batch, --seq-len, --sizes)")
-        click.echo(f"population vs sequential: B=64 T=100 device={device_name(where)} threads={threads}")
-        rows = benchmark_population(device=where, threads=threads, repeats=min(repeats, 3))
+        ctx = click.get_current_context()
+        given = [f"--{option}" for option, param in [("variants", "names"), ("batch", "batch"), ("hidden", "hidden"),
+                                                     ("seq-len", "seq_len"), ("input-size", "input_size")]
+                 if ctx.get_parameter_source(param) is click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise UserError(f"{', '.join(given)}: --population times fixed shapes (B=64, T=100, hidden 32/64/128, "
+                            "every family); for other shapes use benchmarks/population.py "
+                            "(--families, --hidden, --batch, --seq-len, --sizes)")
+        if ctx.get_parameter_source("repeats") is not click.core.ParameterSource.COMMANDLINE:
+            repeats = 3
+        click.echo(f"population vs sequential: B=64 T=100 device={device_name(where)} threads={threads}, "
+                   f"median of {repeats}")
+        rows = benchmark_population(device=where, threads=threads, repeats=repeats)
         click.echo(format_population_table(rows))
         return
     from variants import VARIANTS

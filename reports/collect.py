@@ -1,4 +1,5 @@
-"""From MLflow (and the Optuna storage) to the report's tables: the only module that reads the stores.
+"""From MLflow (and the Optuna storage) to the report's tables: the one module of reports/ that reads
+the stores.
 
 Everything a report shows is copied into :class:`reports.tables.Tables` here, so that
 ``rnnbench report --from`` can redraw it later without MLflow, Optuna or training.

@@ -6,7 +6,7 @@ cleanup, no ``finally``. With ``RNNBENCH_CRASH_ONCE=<folder>`` only the first pr
 dies (it creates ``<folder>/<point>``), so a restarted worker runs on. Workers inherit the variables
 from their launcher. Without them a crash point costs one dictionary lookup.
 
-The points (README "Resume" lists them with what recovers from each):
+The points (README "What is guaranteed (exactly once)" lists them):
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ POINTS = {
     "worker.claimed": "a trial is RUNNING, the worker has not recorded itself on it",
     "worker.recorded": "the worker is recorded, no MLflow run exists yet",
     "worker.run_created": "the MLflow run exists, its id is not recorded on the trial",
-    "worker.training": "mid-training, at the first evaluation",
+    "worker.training": "mid-training, at the n-th evaluation (default the first)",
     "worker.before_tell": "the objective is logged to MLflow, Optuna is not told",
     "worker.told": "Optuna has the result, the MLflow run is still RUNNING",
     # launcher

@@ -25,7 +25,7 @@ Runs are then placed on ``workers`` workers by list scheduling, in the order wor
 (``studies.worker``): every cell's search trials first, lowest slot first, each generation once the one
 before it has ended; a cell's replicate runs once its search has ended. Workers sharing a CPU slow each
 other: k busy workers on c cores finish ``PARALLEL_GAIN``-per-extra-worker more work than one (README
-"Parallel": 2 workers on 2 cores = 1.60x one), never more than c. The study's own cost adds the launcher's
+"Speed": 2 workers on 2 cores = 1.60x one), never more than c. The study's own cost adds the launcher's
 and workers' start and finish: START_FACTOR times the seconds a fresh interpreter takes to import the
 engine, measured when planning (:func:`engine_start_seconds`: it is most of a small study's wall time, and
 it follows the machine's load as the calibration does). The constants were measured on tiny studies (see
@@ -56,7 +56,8 @@ from torch import nn
 
 from studies.population import PopulationSpec, keep_freed_memory, population_size, population_step
 from studies.spec import SWITCH, Cell, Spec, _param_values, cells
-from studies.training import SequenceModel, TrainConfig, gradient_by_lag, make_optimizer
+from studies.training import (GRAD_PROBE_SIZE, SequenceModel, TrainConfig, gradient_by_lag, make_optimizer,
+                               optimizer_name)
 from variants import count_parameters
 
 __all__ = ["CellPlan", "Plan", "calibrate", "estimate", "format_plan", "makespan"]
@@ -77,7 +78,6 @@ RUN_OVERHEAD = 0.4
 START_FACTOR = 5.0
 CELL_OVERHEAD = 0.3
 PARALLEL_GAIN = 0.60  # each extra busy worker adds 0.6 of one worker's throughput, up to the core count
-GRAD_PROBE_SIZE = 64  # as studies.worker
 # Searched hyperparameters that change a run's cost; the others (lr, grad_clip, ...) do not.
 COST_PARAMS = ("hidden_size", "num_layers", "batch_size", "optimizer", "nesterov")
 
@@ -138,7 +138,7 @@ def estimate(spec: Spec, root: Path, workers: int = 1, cores: int | None = None,
             key = _key(cell, task, hp, switches, hidden, spec.train.eval_size, spec.replicates > 0)
             if key not in cache:
                 cache[key] = calibrate(task, cell.variant.variant, switches, hidden, int(hp["num_layers"]),
-                                       int(hp["batch_size"]), _optimizer(hp), spec.train.eval_size,
+                                       int(hp["batch_size"]), optimizer_name(hp), spec.train.eval_size,
                                        probe=spec.replicates > 0)
                 measured += 1
             one = cache[key]
@@ -199,10 +199,6 @@ def _configs(spec: Spec, cell: Cell, task) -> list[dict[str, Any]]:
     return out
 
 
-def _optimizer(hp: dict) -> str:
-    return "nesterov" if hp["optimizer"] == "sgd" and hp["nesterov"] else hp["optimizer"]
-
-
 def _train_seconds(spec: Spec, step: float, evaluation: float) -> float:
     """A run's training and evaluations: ``steps`` steps, or fewer where ``seconds`` ends it first."""
     steps = spec.train.steps
@@ -216,7 +212,7 @@ def _train_seconds(spec: Spec, step: float, evaluation: float) -> float:
 def _key(cell: Cell, task, hp: dict, switches: dict, hidden: int, eval_size: int, probe: bool) -> str:
     what = {"variant": cell.variant.variant, "switches": switches, "task": task.name, "settings": task.settings(),
             "hidden_size": hidden, "num_layers": int(hp["num_layers"]), "batch_size": int(hp["batch_size"]),
-            "optimizer": _optimizer(hp), "eval_size": eval_size, "probe": probe,
+            "optimizer": optimizer_name(hp), "eval_size": eval_size, "probe": probe,
             "torch": torch.__version__, "host": socket.gethostname()}
     text = json.dumps(what, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -236,6 +232,7 @@ def calibrate(task, variant: str, switches: dict, hidden: int, num_layers: int, 
             warnings.simplefilter("ignore")
             torch.manual_seed(0)
             model = SequenceModel(task, variant, hidden, num_layers, 0.0, switches)
+            # momentum 0.9: sgd's cost with its momentum buffer, whatever the study's momentum
             opt = make_optimizer(model.parameters(), TrainConfig(optimizer=optimizer, momentum=0.9))
             data = torch.Generator().manual_seed(0)
 

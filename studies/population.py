@@ -61,7 +61,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from studies.training import Divergence, SequenceModel, TrainConfig, TrainResult, batch_to, resolve_device
+from studies.training import (OPTIMIZERS, Divergence, SequenceModel, TrainConfig, TrainResult, batch_to,
+                              resolve_device)
 from tasks import Batch, Task
 from variants import build_variant
 from variants.clockwork import ClockworkRNN, _schedule
@@ -98,7 +99,6 @@ class Member:
 @dataclass
 class MemberResult(TrainResult):
     error: BaseException | None = None  # Divergence, or what on_eval raised (e.g. optuna.TrialPruned)
-    stopped: bool = False                # on_eval returned False
     model: SequenceModel | None = None   # the member's weights when it left or finished (e.g. for gradient_by_lag)
 
 
@@ -504,10 +504,10 @@ class PopulationOptimizer:
     applied to stacked parameters with a learning rate and weight decay per member (tensors of shape (P,)).
     State is keyed by parameter name, so the population can drop members (:meth:`keep`) between steps."""
 
-    def __init__(self, name: str, lr: torch.Tensor, weight_decay: torch.Tensor, momentum: float = 0.9,
+    def __init__(self, name: str, lr: torch.Tensor, weight_decay: torch.Tensor, momentum: float = 0.0,
                  betas=(0.9, 0.999), eps: float = 1e-8, alpha: float = 0.99):
-        if name not in ("adam", "sgd", "nesterov", "rmsprop"):
-            raise ValueError(f"optimizer {name!r}; known: adam, sgd, nesterov, rmsprop")
+        if name not in OPTIMIZERS:
+            raise ValueError(f"optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
         self.name, self.lr, self.weight_decay = name, lr, weight_decay
         self.momentum, self.betas, self.eps, self.alpha = momentum, betas, eps, alpha
         self.state: dict[str, dict[str, torch.Tensor]] = {}
@@ -585,14 +585,14 @@ def member_losses(task: Task, out: torch.Tensor, batches: list[Batch]) -> torch.
 
 
 def train_population(task: Task, spec: PopulationSpec, members: list[Member], cfg: TrainConfig, eval_batch: Batch,
-                     on_eval: Callable[[int, int, dict[str, float]], bool | None] | None = None,
+                     on_eval: Callable[[int, int, dict[str, float]], None] | None = None,
                      device: str | torch.device | None = None) -> list[MemberResult]:
     """Train every member as :func:`studies.training.train` would with its seed, all at once.
 
     ``cfg`` gives what members share (steps, batch size, eval_every, max_seconds, optimizer, momentum); its lr,
     grad_clip and weight_decay are ignored for each member's own. ``on_eval(member, step, metrics)`` (member: the
-    index into ``members``) returning False, or raising, makes that member leave; the exception is kept as its
-    result's ``error``. Results come in ``members`` order. ``device``: "cpu" (default), "cuda", "auto".
+    index into ``members``) raising makes that member leave (pruned, say); the exception is kept as its result's
+    ``error``. Results come in ``members`` order. ``device``: "cpu" (default), "cuda", "auto".
     """
     if not supports_population(spec.variant, spec.switches, spec.num_layers, spec.dropout):
         raise ValueError(f"variant {spec.variant!r} with switches {spec.switches} has no population form; "
@@ -645,11 +645,10 @@ def train_population(task: Task, spec: PopulationSpec, members: list[Member], cf
             r.metrics = metrics[slot]
             r.history.append((step, r.metrics))
             try:
-                go_on = on_eval(j, step, r.metrics) if on_eval is not None else True
+                if on_eval is not None:
+                    on_eval(j, step, r.metrics)
             except Exception as e:  # noqa: BLE001 - the member's own failure (e.g. pruned); the others go on
-                r.error, go_on = e, False
-            if go_on is False:
-                r.stopped = r.error is None
+                r.error = e
                 leaving.append(slot)
         if out_of_time or step == cfg.steps:
             leaving = list(range(len(alive)))

@@ -32,8 +32,9 @@ FAIL trial with the attribute is interrupted. A process killed between the two w
 RUNNING trial marked ``interrupted``: the next reap finishes the job.
 
 A cell whose first ``STOP_AFTER`` search trials (by slot) all FAIL with the same error (:func:`stop_reason`)
-is *stopped* by the launcher: its search study gets the user attribute ``stopped`` (the error), its WAITING
-trials are interrupted and no more are enqueued; it counts as done. :func:`retry_stopped` clears the mark;
+is *stopped* by whoever tops up (the launcher, or a worker without one): its search study gets the user
+attribute ``stopped`` (the error), its WAITING trials are interrupted and no more are enqueued; it counts
+as done. :func:`retry_stopped` clears the mark;
 the check then looks at the trials created after it only.
 
 Generations make search results independent of the number of workers: the trial in slot ``s`` may
@@ -326,10 +327,6 @@ class CellProgress:
         return sum(counted(t) and source(t) != source_ for t in self.replicate_trials)
 
     @property
-    def best_value(self) -> float | None:
-        return None if self.best is None else self.best.value
-
-    @property
     def search_done(self) -> bool:
         return set(range(self.trials)) <= ended_slots(self.search_trials)
 
@@ -448,8 +445,9 @@ class StudyChanged(RuntimeError):
 
 
 def check_fingerprints(spec: Spec, storage, action: str = "give workers the launcher's study file") -> bool:
-    """Raise :class:`StudyChanged` if any prepared cell was prepared from another definition (search
-    space, budget, model, sampler, objective, seed); False while some cell is not prepared yet."""
+    """Raise :class:`StudyChanged` if any prepared cell was prepared from another definition (task
+    settings, search space, budget, model and switches, sampler, pruner, generation, objective, seed);
+    False while some cell is not prepared yet."""
     prepared = True
     for cell in cells(spec):
         try:
@@ -462,8 +460,8 @@ def check_fingerprints(spec: Spec, storage, action: str = "give workers the laun
             then, now = attrs.get("imports"), cell_imports(spec, cell)
             edited = sorted(k for k in {*(then or {}), *now} if (then or {}).get(k) != now.get(k))
             why = (f"{', '.join(edited)} (imported by the study file) changed" if then is not None and edited else
-                   "the study file changed this cell's definition (search space, budget, model, sampler, objective "
-                   "or seed, or a module it imports)")
+                   "the study file changed this cell's definition (task settings, search space, budget, model or "
+                   "switches, sampler, pruner, generation, objective or seed, or a module it imports)")
             raise StudyChanged(f"study {spec.name!r}, cell {cell.key}: {why} since the study was prepared; {action}")
     return prepared
 

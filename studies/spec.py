@@ -213,8 +213,9 @@ class Train(Strict):
     optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"  # Greff et al. 2017 searched SGD with momentum
     momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
     nesterov: bool = False  # sgd only; needs momentum > 0
-    # Replicate runs of a cell trained as one population module (studies/population.py): off, auto (where
-    # the measured rule says it pays), or the most members per population. Not part of a cell's definition.
+    # Replicate runs of a cell, and its search trials where only lr, grad_clip or weight_decay are searched,
+    # trained as one population module (studies/population.py): off, auto (where the measured rule says it
+    # pays), or the most members per population. Not part of a cell's definition.
     population: Literal["off", "auto"] | Annotated[int, Field(ge=1)] = "auto"
 
     @field_validator("population", mode="before")
@@ -542,7 +543,7 @@ def load(path_or_name: str | Path, overrides: tuple[str, ...] | list[str] = (),
         if deep:
             tasks = _build_tasks(spec)
             _check_objective(spec, tasks)
-            _check_variants(spec)
+            _check_variants(spec, tasks)
             _check_user_variants(spec, tasks)
         else:
             for i, entry in enumerate(spec.tasks):
@@ -819,12 +820,15 @@ def _check_objective(spec: Spec, tasks: list[Task]) -> None:
                             f"it reports: {', '.join(reported)}")
 
 
-def _check_variants(spec: Spec) -> None:
+def _check_variants(spec: Spec, tasks: list[Task]) -> None:
     """Build each variant once with its switches at every width, depth, dropout and searched switch value
     a trial may give it (on the meta device: no memory, no init cost), so contradictory switches or a width
-    the variant refuses (clockwork: a multiple of ``modules``) stop the study at load, not in every trial."""
+    the variant refuses (clockwork: a multiple of ``modules``) stop the study at load, not in every trial.
+    With ``match: params`` the width is the one trials derive for each task's input and output sizes."""
     import torch
+    from studies.training import rnn_input_size
     from variants import build_variant, hidden_for_param_budget
+    shapes = sorted({(rnn_input_size(t), t.output_size) for t in tasks})
     for i, v in enumerate(spec.variants):
         searched = [name for name in _space(spec, i) if name.startswith(SWITCH)]
         drawn = [_drawn(spec, i, name) for name in MODEL_PARAMS + tuple(searched)]
@@ -833,16 +837,19 @@ def _check_variants(spec: Spec) -> None:
                 budgets, itertools.product(*drawn)):
             switches = {**v.switches, **{k.removeprefix(SWITCH): x for k, (x, _) in zip(searched, values)}}
             drew = "".join(f", {k}={x!r} from {where}" for k, (x, where) in zip(searched, values))
+            if spec.model.match == "params":  # the width is derived per variant and task: one that builds
+                hidden, source = None, f"model.param_budget {budget}"
             try:
-                if spec.model.match == "params":  # the width is derived per variant: one that builds
-                    hidden = hidden_for_param_budget(v.variant, 1, budget, layers, **switches)
-                    source = "model.param_budget" + (f" {budget}" if spec.model.ladder else "")
-                with warnings.catch_warnings(), torch.device("meta"):
-                    warnings.simplefilter("ignore")  # e.g. torch's note on dropout with one layer; trials show it
-                    build_variant(v.variant, 1, hidden, layers, dropout, **switches)
+                for width, outputs in shapes if spec.model.match == "params" else [(1, 0)]:
+                    if spec.model.match == "params":
+                        hidden = hidden_for_param_budget(v.variant, width, budget, layers, outputs, **switches)
+                    with warnings.catch_warnings(), torch.device("meta"):
+                        warnings.simplefilter("ignore")  # e.g. torch's note on dropout with one layer: trials show it
+                        build_variant(v.variant, width, hidden, layers, dropout, **switches)
             except (ValueError, TypeError) as e:
-                raise SpecError(f"variants[{i}].switches: {e} (hidden_size={hidden} from {source}, "
-                                f"num_layers={layers}, dropout={dropout}{drew})") from None
+                width = source if hidden is None else f"hidden_size={hidden} from {source}"
+                raise SpecError(f"variants[{i}].switches: {e} ({width}, num_layers={layers}, dropout={dropout}{drew})"
+                                ) from None
 
 
 def _check_user_variants(spec: Spec, tasks: list[Task]) -> None:
@@ -852,18 +859,18 @@ def _check_user_variants(spec: Spec, tasks: list[Task]) -> None:
     import torch
     from studies.training import rnn_input_size
     from variants import build_variant, hidden_for_param_budget
-    widths = sorted({rnn_input_size(t) for t in tasks})
+    shapes = sorted({(rnn_input_size(t), t.output_size) for t in tasks})
     for i, v in enumerate(spec.variants):
         if _defined_in("variant", v.variant) not in {file for _, file in spec._imported.values()}:
             continue
         (hidden, _), (layers, _), (dropout, _) = (_drawn(spec, i, name)[0] for name in MODEL_PARAMS)
         budget = spec.model.capacities()[0].param_budget
-        for width in widths:
+        for width, outputs in shapes:
             try:
                 with torch.random.fork_rng(), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     if spec.model.match == "params":
-                        hidden = hidden_for_param_budget(v.variant, width, budget, layers, **v.switches)
+                        hidden = hidden_for_param_budget(v.variant, width, budget, layers, outputs, **v.switches)
                     rnn = build_variant(v.variant, width, hidden, layers, dropout, **v.switches)
                     out, _ = rnn(torch.randn(2, 8, width))
                     if tuple(out.shape) != (2, 8, hidden):

@@ -181,7 +181,7 @@ class Store:
 
     @property
     def tracking_uri(self) -> str:
-        return self.tracking or f"sqlite:///{self.root / 'mlflow.db'}"
+        return self.tracking or f"sqlite:///{self.mlflow_db}"
 
     @property
     def distributed(self) -> bool:
@@ -227,6 +227,10 @@ class Store:
     @property
     def journal(self) -> Path:
         return self.root / "optuna.journal"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
 
     def repair_journal(self) -> None:
         """Undo what a process killed while writing the journal leaves behind: a stale lock file

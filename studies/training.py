@@ -1,6 +1,6 @@
 """One training run: a task, a variant wrapped into a sequence model, a budget; no Optuna, no MLflow.
 
-The engine (``studies.engine``) calls :func:`train` once per trial and turns its ``on_eval``
+The worker (``studies.worker``) calls :func:`train` once per trial and turns its ``on_eval``
 callbacks into Optuna reports and MLflow metrics. Runs on any torch device (``device=``): the model,
 every batch and the held-out set live there, and the loop never waits for the device between
 evaluations (a non-finite loss is noted on the device and raised at the next evaluation).
@@ -42,12 +42,10 @@ class SequenceModel(nn.Module):
         self.rnn = build_variant(variant, rnn_in, hidden_size, num_layers, dropout, **(switches or {}))
         self.head = nn.Linear(hidden_size, task.output_size)
 
-    def forward(self, x: torch.Tensor, hidden_hook: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embed is not None:
             x = self.embed(x)
         out, _ = self.rnn(x)
-        if hidden_hook is not None:
-            hidden_hook(out)
         return self.head(out)
 
 
@@ -97,10 +95,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_seconds: float | None = None  # wall-clock budget; training stops at the first step past it
     optimizer: str = "adam"           # one of OPTIMIZERS
-    momentum: float = 0.9             # sgd and nesterov only
+    momentum: float = 0.0             # sgd and nesterov only (as the study file's train.momentum)
 
 
 OPTIMIZERS = ("adam", "sgd", "nesterov", "rmsprop")
+GRAD_PROBE_SIZE = 64  # sequences in the gradient-by-lag probe of replicate runs
+
+
+def optimizer_name(hp: dict) -> str:
+    """The name in OPTIMIZERS for a trial's hyperparameters: ``sgd`` with ``nesterov`` is ``nesterov``."""
+    return "nesterov" if hp["optimizer"] == "sgd" and hp["nesterov"] else hp["optimizer"]
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -1,7 +1,8 @@
 """A worker: claims queued trials of a prepared study and runs them, until every cell is done.
 
-Workers never create trials (the launcher does), so any number of them, on any machines, share one
-queue and the counts stay exact. A worker started by a launcher (``RNNBENCH_LAUNCHER_PID``) dies with
+Workers claim queued trials atomically and enqueue them only when no launcher runs (``top_up``, taking
+turns on a lock with any other), so any number of them, on any machines, share one queue and the counts
+stay exact. A worker started by a launcher (``RNNBENCH_LAUNCHER_PID``) dies with
 it: the kernel sends it SIGTERM when the launcher goes (Linux), and it checks between evaluations
 too; either way it closes its trial in hand as interrupted and exits, freeing the root's lock.
 """
@@ -33,11 +34,10 @@ from studies.spec import Cell, Spec, cells
 from studies.store import Store, StoreUnavailable
 from studies.tracking import cell_tags, close_run, provenance, run_name
 from studies.population import Member, PopulationSpec, member_models, population_size, train_population
-from studies.training import (Divergence, TrainConfig, batch_to, device_name, gradient_by_lag,
-                              resolve_device, train)
+from studies.training import (GRAD_PROBE_SIZE, Divergence, TrainConfig, batch_to, device_name, gradient_by_lag,
+                              optimizer_name, resolve_device, train)
 from variants import count_parameters
 
-GRAD_PROBE_SIZE = 64  # sequences in the gradient-by-lag probe of replicate runs
 
 
 @dataclass
@@ -294,11 +294,10 @@ class Worker:
         switches = cell.switches(hp)  # the entry's, and those the search drew (Optuna name switches.NAME)
         hidden = cell.hidden_size(task, hp)
         layers, dropout = int(hp["num_layers"]), float(hp["dropout"])
-        optimizer = "nesterov" if hp["optimizer"] == "sgd" and hp["nesterov"] else hp["optimizer"]
         cfg = TrainConfig(lr=float(hp["lr"]), steps=spec.train.steps or 10**12, batch_size=int(hp["batch_size"]),
                           eval_every=spec.train.eval_every, grad_clip=hp["grad_clip"],
                           weight_decay=float(hp["weight_decay"]), max_seconds=spec.train.seconds,
-                          optimizer=optimizer, momentum=float(hp["momentum"]))
+                          optimizer=optimizer_name(hp), momentum=float(hp["momentum"]))
         if cell.key not in self.eval_sets:  # keep one cell's held-out set: workers go cell by cell
             self.eval_sets = {cell.key: batch_to(task.eval_batch(spec.train.eval_size, spec.seed), self.device)}
         models = member_models(task, PopulationSpec(cell.variant.variant, switches, hidden, layers, dropout),

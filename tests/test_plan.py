@@ -109,7 +109,9 @@ def test_bench_options_it_cannot_honour_are_one_line_errors():
 
     from rnnbench import cli
     for args, said in ((["--device", "meta"], "error: --device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
-                       (["--population", "--hidden", "64"], "error: --population times fixed shapes")):
+                       (["--population", "--hidden", "64"], "error: --hidden: --population times fixed shapes"),
+                       # a shape given on the command line is refused even at its default value
+                       (["--population", "--batch", "64"], "error: --batch: --population times fixed shapes")):
         result = CliRunner().invoke(cli, ["bench", *args])
         assert result.exit_code == 2 and result.output.startswith(said), result.output
 

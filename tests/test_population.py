@@ -15,7 +15,6 @@ from studies.population import (Member, PopulationModel, PopulationSpec, benchma
 from studies.training import Divergence, SequenceModel, TrainConfig, gradient_by_lag, train
 from tasks import build_task
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # Every supported family and switch set; (task, variant, switches, num_layers).
 CASES = [
@@ -58,7 +57,8 @@ def sequential(task, spec, member, cfg, eval_batch, device="cpu"):
     torch.manual_seed(member.seed)  # as the engine builds a trial's model
     model = SequenceModel(task, spec.variant, spec.hidden_size, spec.num_layers, spec.dropout, spec.switches)
     one = TrainConfig(lr=member.lr, grad_clip=member.grad_clip, weight_decay=member.weight_decay,
-                      steps=cfg.steps, eval_every=cfg.eval_every, batch_size=cfg.batch_size, optimizer=cfg.optimizer)
+                      steps=cfg.steps, eval_every=cfg.eval_every, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
+                      momentum=cfg.momentum)
     return model, train(task, model, one, eval_batch, member.seed, device=device)
 
 
@@ -91,7 +91,8 @@ def test_other_optimizers_equal_sequential_runs(optimizer):
     spec = PopulationSpec("peephole", hidden_size=6)
     lrs = [Member(m.seed, lr=m.lr * (10 if optimizer != "rmsprop" else 0.1), grad_clip=m.grad_clip,
                   weight_decay=m.weight_decay) for m in MEMBERS]
-    assert_same_runs(task, spec, TrainConfig(steps=12, eval_every=6, batch_size=5, optimizer=optimizer), lrs)
+    assert_same_runs(task, spec, TrainConfig(steps=12, eval_every=6, batch_size=5, optimizer=optimizer,
+                                                 momentum=0.9), lrs)
 
 
 def test_variable_length_batches_are_padded_per_member():
@@ -120,20 +121,22 @@ def test_a_pruned_member_leaves_and_the_others_go_on():
     task = build_task("copy_memory", seq_len=4, n_copy=2)
     seen = []
 
+    class Pruned(Exception):  # optuna.TrialPruned, without optuna
+        pass
+
     def on_eval(member, step, metrics):
         seen.append((member, step))
         if member == 0 and step == 4:
-            return False  # pruned
+            raise Pruned()
         if member == 2 and step == 8:
             raise KeyError("stop")
-        return None
 
     members = [Member(seed=s, lr=1e-2) for s in range(4)]
     results = train_population(task, PopulationSpec("lstm", hidden_size=6), members,
                                TrainConfig(steps=12, eval_every=4, batch_size=5), task.eval_batch(16, 0), on_eval)
     assert sorted(seen) == sorted([(0, 4), (1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (3, 8), (1, 12), (3, 12)])
-    assert results[0].stopped and results[0].steps == 4 and results[0].error is None
-    assert isinstance(results[2].error, KeyError) and not results[2].stopped and results[2].steps == 8
+    assert isinstance(results[0].error, Pruned) and results[0].steps == 4
+    assert isinstance(results[2].error, KeyError) and results[2].steps == 8
     assert [r.steps for r in (results[1], results[3])] == [12, 12]
     # a member that stays after another left still equals its sequential run
     eval_batch = task.eval_batch(16, 0)

@@ -161,6 +161,10 @@ CLOCKWORK5 = BASE.replace("[rnn]", "[rnn, {variant: clockwork, switches: {module
      "variants[1].switches", "coupled=True sets f = 1 - i"),
     (BASE.replace("[rnn]", "[{variant: rnn, switches: {nonlinearity: sigmoid}}]"), "variants[0].switches",
      "'tanh' or 'relu'"),
+    # ...at equal parameter count: the reason, and the budget (no width a trial would get)
+    (BASE.replace("[rnn]", "[rnn, {variant: lstm, switches: {coupled: true, forget_gate: false}}]")
+     + "model: {match: params, param_budget: 500}\n", "variants[1].switches",
+     "coupled=True sets f = 1 - i but forget_gate=False sets f = 1; pick one (model.param_budget 500, num_layers=1"),
     (CLOCKWORK5 + "model: {hidden_size: 32}\n", "variants[1].switches", "hidden_size=32 from model.hidden_size"),
     (CLOCKWORK5 + "search_space: {hidden_size: {type: int, low: 20, high: 32, step: 12}}\n", "variants[1].switches",
      "hidden_size=32 from search_space.hidden_size"),

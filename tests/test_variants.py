@@ -425,8 +425,9 @@ def test_every_switch_changes_the_output(name, switch):
     torch.manual_seed(0)
     try:
         other = build_variant(name, 3, 8, num_layers=2, **{switch: value})
-    except ValueError:
-        return  # e.g. nfg with forget_bias: rejected with a message, tested below
+    except ValueError as e:  # refused loudly: only the known contradictions (a coupled gate without its
+        assert re.search(r"coupled|forget_bias", str(e)), e  # partner, nfg's forget_bias), tested below
+        return
     if switch not in INIT_SWITCHES:  # same weights wherever the shapes allow, so only the switch differs
         own = other.state_dict()
         other.load_state_dict({k: v for k, v in base.state_dict().items()

@@ -45,7 +45,6 @@ class VariantInfo:
 
 VARIANTS: dict[str, VariantInfo] = {}
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")  # what a variant or task may be called
-_CORE_ARGS = ("input_size", "hidden_size", "num_layers", "dropout")
 
 
 def register(name: str, *, description: str, paper: str, **preset: Any):
@@ -133,9 +132,10 @@ def hidden_for_param_budget(name: str, input_size: int, budget: int, num_layers:
             model = build_variant(name, input_size, hidden, num_layers, **switches)
         return count_parameters(model) + (hidden + 1) * output_size if output_size else count_parameters(model)
 
-    step = next((h for h in range(1, 1025) if _builds(name, input_size, h, num_layers, switches)), None)
+    step = next((h for h in range(1, 1025) if _refusal(name, input_size, h, num_layers, switches) is None), None)
     if step is None:
-        raise ValueError(f"variant {name!r} builds with no hidden size up to 1024 for switches {switches}")
+        raise ValueError(f"variant {name!r} builds with no hidden size up to 1024 for switches {switches}: "
+                         f"{_refusal(name, input_size, 1024, num_layers, switches)}")
     lo, hi = 1, 1  # in units of step
     while count(hi * step) < budget:
         lo, hi = hi, hi * 2
@@ -150,13 +150,14 @@ def hidden_for_param_budget(name: str, input_size: int, budget: int, num_layers:
     return hi * step
 
 
-def _builds(name, input_size, hidden, num_layers, switches) -> bool:
+def _refusal(name, input_size, hidden, num_layers, switches) -> ValueError | None:
+    """What the variant says when it refuses to build at this size, or None if it builds."""
     try:
         with torch.device("meta"):
             build_variant(name, input_size, hidden, num_layers, **switches)
-    except ValueError:
-        return False
-    return True
+    except ValueError as e:
+        return e
+    return None
 
 
 # Importing the family modules registers their variants.

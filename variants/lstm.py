@@ -143,11 +143,6 @@ class LSTM(NativeWeights):
         at = {g: slice(j * H, (j + 1) * H) for j, g in enumerate(self.sigmoid_gates + ["g"])}
         return at.get("i"), at.get("f"), at["g"], at.get("o")
 
-    def _peepholes(self, peep):
-        """p_i, p_f, p_o rows of the peephole weight (None where a gate or the peepholes are absent)."""
-        p = dict(zip(self.sigmoid_gates, peep.unbind(0))) if peep is not None else {}
-        return p.get("i"), p.get("f"), p.get("o")
-
     def extra_repr(self):
         on = {k: v for k, v in _switches(self).items() if v != LSTM_DEFAULTS[k]}
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
