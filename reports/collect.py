@@ -24,7 +24,8 @@ from reports.stats import superseded  # noqa: E402
 from reports.tables import Tables, package_versions  # noqa: E402
 
 # Metrics each trial run logs once at the end (or at start); every other metric is a per-eval curve.
-FINAL_METRICS = ("objective", "train_seconds", "steps_done", "seconds_per_step", "wall_seconds", "baseline")
+FINAL_METRICS = ("objective", "train_seconds", "steps_done", "seconds_per_step", "wall_seconds", "bookkeeping_seconds",
+                 "baseline")  # one value per run, not a curve
 GRAD_ARTIFACT = "grad_by_lag.json"
 IMPORTANCE_METHOD = ("PED-ANOVA (optuna.importance.PedAnovaImportanceEvaluator, Optuna 5's default), "
                      "normalised to sum 1 over the searched hyperparameters of a cell")
@@ -77,6 +78,10 @@ def collect(client: MlflowClient, study: str, storage=None) -> Tables:
     meta = study_meta(exp)
     runs = client.search_runs([exp.experiment_id], "tags.`rnnbench.role` = 'trial'", max_results=50000,
                               order_by=["attributes.start_time ASC"])
+    # Rows in an order of the study's own, not of when the runs started (which depends on the number of
+    # workers, populations and interruptions): cell, kind, slot, then trial number.
+    runs.sort(key=lambda r: (r.data.tags.get("rnnbench.cell", ""), r.data.tags.get("rnnbench.kind", ""),
+                             int(r.data.tags.get("rnnbench.slot", -1)), int(r.data.tags.get("rnnbench.trial", -1))))
     results = results_table(study, runs, meta)
     tables = Tables(results=results, curves=curves_table(client, runs), grad_by_lag=grads_table(client, runs),
                     importance=importance_table(storage, results), collection={})
@@ -153,7 +158,7 @@ def _tag_values(runs) -> dict[str, set]:
 
 def results_table(study: str, runs, meta: dict) -> pd.DataFrame:
     """One row per trial run. Columns: study, cell, task, variant, base_variant, ladder, ladder_value,
-    <ladder name> (e.g. seq_len), kind, trial, replicate, source_trial, superseded (a replicate run of a
+    <ladder name> (e.g. seq_len), kind, trial, slot, replicate, source_trial, superseded (a replicate run of a
     search trial that is no longer its cell's best: :func:`reports.stats.superseded`), seed, state,
     objective, solved_threshold (drawn when the solved criterion reads the objective), solved_rule, the
     hyperparameters and settings (``param.*``), the final value of every metric (``metric.*``), error,
@@ -165,6 +170,7 @@ def results_table(study: str, runs, meta: dict) -> pd.DataFrame:
                "variant": t["rnnbench.variant"], "base_variant": t["rnnbench.base_variant"],
                "ladder": t["rnnbench.ladder"], "ladder_value": _number(t["rnnbench.ladder_value"]),
                "kind": t["rnnbench.kind"], "trial": int(t["rnnbench.trial"]),
+               "slot": _number(t.get("rnnbench.slot")),
                "replicate": _number(t.get("rnnbench.replicate")),
                "source_trial": _number(t.get("rnnbench.source_trial")), "seed": int(t["rnnbench.seed"]),
                "state": _state(run), "objective": run.data.metrics.get("objective")}
@@ -185,7 +191,7 @@ def results_table(study: str, runs, meta: dict) -> pd.DataFrame:
     table.insert(table.columns.get_loc("objective") + 1, "solved_rule", rule)
     table.insert(table.columns.get_loc("objective") + 1, "solved_threshold",
                  table["param.solved.threshold"].astype(float).where(on_axis))
-    for col in ("replicate", "source_trial"):
+    for col in ("slot", "replicate", "source_trial"):
         table[col] = pd.to_numeric(table[col], errors="coerce").astype("Int64")
     table.insert(table.columns.get_loc("source_trial") + 1, "superseded",
                  superseded(table, meta["objective"]["direction"]))

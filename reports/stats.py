@@ -54,7 +54,8 @@ def policy(unit: str, objective_metric: str, direction: str) -> dict[str, str]:
                      f"({direction})",
         "runs per cell": units[unit],
         "current best": f"the COMPLETE search trial with the best objective ({direction}); ties go to the lowest "
-                        "trial number. A replicate run counts only if its source_trial is the current best; "
+                        "slot, then trial number (tables saved without a slot column: the lowest trial number). A "
+                        "replicate run counts only if its source_trial is the current best; "
                         "replicates of an earlier best (the study was extended and the best changed) stay in "
                         "results with superseded = True and are left out of summaries, statistics and figures",
         "centre and interval": f"mean and its {LEVEL:.0%} Student-t interval, mean ± t(0.975, n-1)·s/√n (s: the "
@@ -71,6 +72,9 @@ def policy(unit: str, objective_metric: str, direction: str) -> dict[str, str]:
         "effect size": "Hedges' g of (variant - reference) with the pooled sd",
         "excluded": "interrupted runs (the engine replaces them), superseded replicate runs, and non-finite "
                     "objectives (from the mean; a failed run still counts in the success rate)",
+        "trial counts": "search trials by how their MLflow runs ended: complete, pruned, fail, interrupted (a "
+                        "trial interrupted before its run was created has no run: `rnnbench status` counts it "
+                        "from the Optuna storage)",
     }
 
 
@@ -81,13 +85,15 @@ def unit_of(results: pd.DataFrame) -> str:
 
 def best_search(results: pd.DataFrame, direction: str) -> pd.DataFrame:
     """Each cell's current best search trial (one row per cell): the COMPLETE search trial with the best
-    finite objective in ``direction``; ties go to the lowest trial number, as the engine picks it."""
+    finite objective in ``direction``; ties go to the lowest slot, then trial number, as the engine picks it
+    (tables without a ``slot`` column: the lowest trial number)."""
     results = with_capacity(results)
     done = results[(results.kind == "search") & (results.state == "COMPLETE")]
     sign = 1 if direction == "minimize" else -1
     key = sign * pd.to_numeric(done.objective, errors="coerce")
     done = done.assign(_key=key)[np.isfinite(key)]
-    return done.sort_values(["_key", "trial"], kind="stable").drop_duplicates(cell_columns(done)).drop(columns="_key")
+    order = ["_key", "slot", "trial"] if "slot" in done else ["_key", "trial"]
+    return done.sort_values(order, kind="stable").drop_duplicates(cell_columns(done)).drop(columns="_key")
 
 
 def superseded(results: pd.DataFrame, direction: str) -> pd.Series:
@@ -203,6 +209,8 @@ def summary(tables: Tables) -> pd.DataFrame:
     search = results[results.kind == "search"]
     out = search.pivot_table(index=cell, columns="state", values="trial", aggfunc="count", fill_value=0,
                              sort=False)
+    ended = ["COMPLETE", "PRUNED", "FAIL", "INTERRUPTED"]  # always these, in this order; others (RUNNING) after
+    out = out.reindex(columns=ended + [c for c in out.columns if c not in ended], fill_value=0)
     out.columns = [f"trials_{c.lower()}" for c in out.columns]
     best = best_search(results, tables.direction).set_index(cell)
     out["best_trial"], out["best_search"] = best.trial.astype("Int64"), best.objective

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from studies.queue import ENDED, STOP_AFTER, CellProgress, interrupted, slot
+from studies.queue import ENDED, STOP_AFTER, CellProgress, holds, interrupted, slot, source
 from studies.spec import Spec
 
 ERROR_WIDTH = 300  # characters of an error message shown; MLflow's error.txt has the traceback
@@ -96,10 +96,14 @@ class Display:
         first = self.reported is None
         self.reported = (self.reported or set()) | {(r.cell.key, kind, t.number) for r, kind, t in new}
         if first:  # a resumed study: what ended before this run is in `rnnbench status`, not repeated here
-            again = sum("interrupted" in t.user_attrs for _, _, t in new)
+            gone = [(r, kind, t) for r, kind, t in new if "interrupted" in t.user_attrs]
+            again = sum(not any(holds(o) and slot(o) == slot(t) and source(o) == source(t)
+                                for o in (r.search_trials if kind == "search" else r.replicate_trials))
+                        for r, kind, t in gone)
             if new:
-                self._print(f"{len(new)} trials had ended before this run"
-                            + (f" ({again} interrupted: their slots run again)" if again else ""))
+                self._print(f"{len(new)} trials had ended before this run" + (
+                    f" ({len(gone)} interrupted: " + (f"{again} slot{'s' * (again > 1)} to run again)" if again else
+                                                      "their slots have run again since)") if gone else ""))
             return
         width = max((len(r.cell.key) for r in rows), default=0)
         for r, kind, t in sorted(new, key=lambda x: _ended_at(x[2])):

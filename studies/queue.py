@@ -292,10 +292,12 @@ def tally(trials: list[FrozenTrial]) -> dict[str, int]:
 
 
 def best_trial(trials: list[FrozenTrial], direction: str) -> FrozenTrial | None:
-    """The COMPLETE trial with the best value; ties go to the lowest trial number."""
+    """The COMPLETE trial with the best value; ties go to the lowest slot (then trial number). Slots, not trial
+    numbers: an interrupted trial's replacement has a higher number but is the same run, so the choice (and the
+    configuration the replicate runs retrain) does not depend on interruptions."""
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     sign = 1 if direction == "minimize" else -1
-    return min(done, key=lambda t: (sign * t.value, t.number)) if done else None
+    return min(done, key=lambda t: (sign * t.value, slot(t), t.number)) if done else None
 
 
 @dataclass

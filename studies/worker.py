@@ -440,6 +440,14 @@ def _stop(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT stop the worker (:func:`_stop`), except a signal it was started ignoring: a launcher
+    started in the background by a shell script (`rnnbench run ... &`) ignores Ctrl-C, and so do its workers."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            signal.signal(s, _stop)
+
+
 def _die_with_launcher(launcher: int) -> None:
     """Ask the kernel for SIGTERM when the launcher dies (Linux), then check it is still alive."""
     if sys.platform.startswith("linux"):
@@ -454,8 +462,7 @@ def _die_with_launcher(launcher: int) -> None:
 def run_worker(spec: Spec, spec_sha: str, store: Store, threads: int = 1, poll: float = 1.0,
                stale_after: float = 900.0, device: str = "auto", worker_id: str | None = None) -> int:
     """A worker process's life: run trials until the study is done; on SIGTERM close the trial in hand."""
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, _stop)
+    stop_on_signals()
     launcher = int(os.environ.get(LAUNCHER_PID, 0))
     if launcher:
         _die_with_launcher(launcher)

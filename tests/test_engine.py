@@ -545,3 +545,21 @@ def test_a_device_this_machine_lacks_is_one_line_before_anything_is_written(tmp_
     proc = rnnbench("run", "quickstart", "--root", tmp_path / "runs", "--device", "cuda", check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --device:") and proc.stderr.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_worker_keeps_ignoring_a_signal_it_was_started_ignoring():
+    """`rnnbench run ... &` in a shell script: the shell makes the launcher ignore Ctrl-C (SIGINT), its
+    workers inherit that, and must not take Ctrl-C as a stop; SIGTERM still stops them."""
+    from studies import worker
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        worker.stop_on_signals()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is worker._stop
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        worker.stop_on_signals()
+        assert signal.getsignal(signal.SIGINT) is worker._stop
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

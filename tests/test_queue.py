@@ -254,3 +254,16 @@ def test_best_trial_ties_go_to_the_lowest_number():
         finish(study, queue.claim(study), v)
     assert queue.best_trial(study.get_trials(), "minimize").number == 1
     assert queue.best_trial(study.get_trials(), "maximize").number == 0
+
+
+def test_best_trial_ties_go_to_the_lowest_slot_not_the_replacements_number():
+    """An interrupted trial's replacement (a higher number, the same slot) keeps its place in a tie."""
+    storage, study = fresh(3)
+    trials = [queue.claim(study) for _ in range(3)]  # slots 0, 1, 2
+    queue.interrupt(storage, trials[0]._trial_id, "test")
+    for t in trials[1:]:
+        finish(study, t, 1.0)
+    queue.enqueue(study, 0)
+    finish(study, queue.claim(study), 1.0)  # slot 0 again, trial number 3
+    best = queue.best_trial(study.get_trials(), "minimize")
+    assert (queue.slot(best), best.number) == (0, 3)

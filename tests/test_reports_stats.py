@@ -453,3 +453,12 @@ def test_gradient_medians_count_vanished_runs():
     data = pd.DataFrame(rows, columns=["run_id", "lag", "norm"]).assign(ladder_value=30, variant="rnn", phase="trained")
     medians = gradient_medians(data).set_index("lag").norm
     assert medians.to_dict() == {0: 1e-2, 1: 1e-9}  # lag 2: two of three runs vanished, so the median is 0
+
+
+def test_a_tie_goes_to_the_lowest_slot_as_the_engine_picks_it():
+    """Slot 0 was interrupted and run again as trial 4: in a tie with slot 1 (trial 1) it stays the best."""
+    rows = [{"variant": "lstm", "kind": "search", "trial": t, "slot": s, "source_trial": None, "objective": v,
+             "state": st} for t, s, v, st in ((0, 0, None, "INTERRUPTED"), (1, 1, 0.5, "COMPLETE"),
+                                              (2, 2, 0.7, "COMPLETE"), (4, 0, 0.5, "COMPLETE"))]
+    table = pd.DataFrame(rows).assign(task="adding", ladder_value=30)
+    assert stats.best_search(table, "minimize").trial.tolist() == [4]

@@ -232,3 +232,26 @@ def test_status_checks_in_full_what_the_store_does_not_hold(tmp_path):
     output, code, _ = status_in_process(path, "--root", root, "--set", "train.steps=7")
     assert code == 2 and "the study file changed this cell's definition" in output and "give `status` the study " \
         "file and --set the study was run with" in output, output
+
+
+def test_a_resumed_display_counts_the_interrupted_slots_still_to_run(tmp_path, capsys, monkeypatch):
+    """Two trials interrupted before this run: one slot has been run again since, the other has not."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    spec, _, _ = specs.load(path)
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    queue.prepare_studies(spec, storage)
+    top_up(spec, storage)
+    rows = queue.progress(spec, storage)
+    study = queue.open_study(storage, queue.optuna_name(spec, rows[0].cell, "search"))
+    first, second = queue.claim(study), queue.claim(study)
+    for t in (first, second):
+        queue.interrupt(storage, queue.trial_id(t), "worker host:1 died")
+    queue.enqueue(study, queue.slot(first))
+    again = queue.claim(study)
+    assert queue.slot(again) == queue.slot(first)
+    end(storage, again, 0, fail_slot=None)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+    with Display(spec, interval=3600) as display:
+        display.update(queue.progress(spec, storage))
+    assert "3 trials had ended before this run (2 interrupted: 1 slot to run again)" in capsys.readouterr().out
