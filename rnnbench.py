@@ -64,8 +64,9 @@ def user_errors(fn):
     """Turn the project's user-facing errors into one line on stderr and exit code 2.
 
     Only the project's own error types, plain ``LookupError``, which reports/ raises for a study or saved
-    report that is not there, and an ``OSError`` saying a folder cannot be written (read-only, permission,
-    disk full). Anything else is a bug: :class:`Cli` shows its traceback.
+    report that is not there, an ``OSError`` saying a folder cannot be written (read-only, permission,
+    disk full), and MLflow's client giving up on a tracking server that does not answer. Anything else is
+    a bug: :class:`Cli` shows its traceback.
     """
     import functools
 
@@ -80,6 +81,9 @@ def user_errors(fn):
             raise UserError(f"{e.filename or 'a file'}: {e.strerror} (a store, report or cache folder must be "
                             "writable: check --root, --out)") from None
         except Exception as e:
+            from studies.store import tracking_lost, tracking_lost_message
+            if tracking_lost(e):  # MLflow's client gave up on the tracking server: an outage, not a bug
+                raise UserError(tracking_lost_message(e)) from None
             if not (isinstance(e, _user_error_types()) or type(e) is LookupError):
                 raise  # KeyError, IndexError...: a bug, not a missing study or report
             if _debug():  # the traceback behind it: e.g. inside a study file's own module, else where it was said
@@ -133,6 +137,18 @@ def _device(name: str) -> str:
         raise UserError(f"--device: {e}") from None
 
 
+def _shown(url):
+    """A URL as rnnbench shows it: without a password (libpq reads it from ~/.pgpass or PGPASSWORD)."""
+    return re.sub(r"(://[^:/@]+):[^@/]+@", r"\1@", url) if url else url
+
+
+def _probe(tracking_uri):
+    from studies.store import probe_tracking
+    note = probe_tracking(tracking_uri)
+    if note:
+        click.echo(note, err=True)
+
+
 def _store(root, storage=None, tracking_uri=None):
     from studies.store import Store
     return Store(root, storage, tracking_uri)
@@ -161,8 +177,11 @@ def run(spec, root, workers, threads, storage, tracking_uri, stale_after, device
     parsed, path, sha = specs.load(spec, overrides)
     store = _store(root, storage, tracking_uri)
     _device(device)  # before anything is written
+    _probe(tracking_uri)
     click.echo(f"study {parsed.name}: {len(specs.cells(parsed))} cells x {parsed.trials} trials "
-               f"(+{parsed.replicates} replicates each), {workers} worker(s), store {store.root}")
+               f"(+{parsed.replicates} replicates each), {workers} worker(s), store "
+               + (" and ".join(u for u in (_shown(storage), tracking_uri) if u) + f" (logs in {store.root})"
+                  if storage or tracking_uri else str(store.root)))
     try:
         with Display(parsed) as display:
             rows = run_study(parsed, path, sha, store, workers=workers, threads=threads, stale_after=stale_after,
@@ -185,7 +204,7 @@ def run(spec, root, workers, threads, storage, tracking_uri, stale_after, device
         hint = ""
     if not stopped:
         click.echo(f"done: {parsed.name}" + (f" ({failed} failed trials; see `rnnbench status`)" if failed else ""))
-    where = f"--storage {storage} --tracking-uri {tracking_uri}" if storage else f"--root {root}"
+    where = f"--storage {_shown(storage)} --tracking-uri {tracking_uri}" if storage else f"--root {root}"
     if tracking_uri and not storage:
         where += f" --tracking-uri {tracking_uri}"
     click.echo(f"report:    rnnbench report {parsed.name} {where}")
@@ -245,6 +264,7 @@ def worker(spec, root, threads, storage, tracking_uri, stale_after, device, work
     from studies.worker import run_worker
 
     parsed, _, sha = specs.load(spec, overrides)
+    _probe(tracking_uri)
     try:
         n = run_worker(parsed, sha, _store(root, storage, tracking_uri), threads, stale_after=stale_after,
                        device=_device(device), worker_id=worker_id)
@@ -318,10 +338,9 @@ def slurm(spec, workers, storage, tracking_uri, time_limit, partition, cpus_per_
         if host in ("localhost", "127.0.0.1", "[::1]"):
             click.echo(f"note: {name} names {host}: every compute node must reach the server at that address "
                        "(a one-node cluster, or a tunnel on each node)", err=True)
-    shown = re.sub(r"(://[^:/@]+):[^@/]+@", r"\1:***@", storage)  # no password on the terminal
     click.echo(f"wrote {out}: {workers} worker(s) of study {parsed.name} as a Slurm array job")
     click.echo("the coordinator (it prepares the study and keeps its queue), on a machine that stays up:")
-    coordinator = [path, "--workers", "0", "--storage", shown, "--tracking-uri", tracking_uri]
+    coordinator = [path, "--workers", "0", "--storage", _shown(storage), "--tracking-uri", tracking_uri]
     coordinator += ["--stale-after", f"{stale_after:g}"] if stale_after is not None else []
     coordinator += [arg for override in overrides for arg in ("--set", override)]
     click.echo(f"  rnnbench run {shell_join(coordinator)}")
@@ -371,7 +390,7 @@ def status(spec, root, storage, overrides):
         optuna_storage = JournalStorage(JournalFileBackend(str(journal)))
     held = sorted({s.study_name.split("/")[0] for s in optuna_storage.get_all_studies() if "/" in s.study_name})
     if parsed.name not in held:  # a mistyped --root or --set name=: not a table of zeros
-        where = f"--storage {storage}" if storage else str(root.resolve())
+        where = f"--storage {_shown(storage)}" if storage else str(root.resolve())
         raise UserError(f"{where}: no study {parsed.name!r} here (it holds: {', '.join(held) or 'none'}); "
                         f"run `rnnbench run {spec}` with this store first, or check --root and --set")
     if not parsed.deep and not prepared_as_defined(parsed, optuna_storage):
@@ -526,7 +545,7 @@ def dashboard(root, storage, tracking_uri, port, host, with_optuna, optuna_port,
         if storage is None and not journal.exists():
             raise UserError(f"{journal}: no Optuna storage here; run a study first or pass --root/--storage")
         servers.append(dash.optuna_dashboard(rdb_url(storage) if storage else str(journal), host, optuna_port))
-    click.echo(f"store: {store.tracking_uri}" + (f" and {storage or journal}" if with_optuna else ""))
+    click.echo(f"store: {store.tracking_uri}" + (f" and {_shown(storage) or journal}" if with_optuna else ""))
     if servers:
         sys.exit(dash.serve(servers, click.echo))
 

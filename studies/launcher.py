@@ -41,7 +41,8 @@ def prepare(spec: Spec, spec_text: str, store: Store, storage, client) -> tuple[
     """Create (or check) every cell's Optuna studies and MLflow parent run before workers start.
     Returns the MLflow experiment id, each cell's parent run id, and the cells of this study's name that
     ``spec`` does not name (run by another study file of the same name; its reports show them too)."""
-    recorded = queue.prepare_studies(spec, storage)  # checks every cell before writing to MLflow
+    # checks every cell before writing to MLflow
+    recorded = queue.prepare_studies(spec, storage, shared=store.distributed)
     exp_id = store.experiment_id(client, spec.name, create=True)
     check_trials_kept(storage, client, exp_id, spec.name)
     describe_experiment(client, exp_id, spec, spec_text)

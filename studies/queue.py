@@ -481,10 +481,12 @@ def prepared_as_defined(spec: Spec, storage) -> bool:
     return True
 
 
-def prepare_studies(spec: Spec, storage) -> dict[str, str | None]:
+def prepare_studies(spec: Spec, storage, shared: bool = False) -> dict[str, str | None]:
     """Create each cell's two Optuna studies (or check their definition). Returns each cell's recorded
-    MLflow parent run id (None where not recorded yet)."""
-    check_fingerprints(spec, storage, "give the study a new 'name' (or use another --root) to start a new study")
+    MLflow parent run id (None where not recorded yet). ``shared``: a database several machines use, where
+    another --root changes nothing."""
+    check_fingerprints(spec, storage, "give the study a new 'name'" + ("" if shared else " (or use another --root)")
+                       + " to start a new study")
     parents = {}
     for cell in cells(spec):
         for kind in KINDS:

@@ -22,6 +22,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -94,15 +95,17 @@ def _riding_outages(method):
                 if any(words in str(lost) for words in _REFUSED):  # a refused login is no outage
                     raise StoreUnavailable(f"the Optuna database {self.url_for_humans} refused the connection: "
                                            f"{why[0] if why else type(lost).__name__}") from e
+                said_by_server = next((line.strip() for line in why if "FATAL:" in line), None)
                 if waited >= OUTAGE_SECONDS:
                     raise StoreUnavailable(f"the Optuna database {self.url_for_humans} did not answer for "
-                                           f"{waited:.0f} s; the study is safe: run the same command again "
-                                           f"once it is back") from e
+                                           f"{waited:.0f} s" + (f" ({said_by_server})" if said_by_server else "")
+                                           + "; the study is safe: run the same command again once it is back") from e
                 if not said:
                     print(f"[{time.strftime('%H:%M:%S')}] the Optuna database is not answering "
-                          f"({type(e.__cause__ or e).__name__}); retrying for up to {OUTAGE_SECONDS:.0f} s",
-                          file=sys.stderr, flush=True)
+                          f"({type(e.__cause__ or e).__name__}" + (f": {said_by_server}" if said_by_server else "")
+                          + f"); retrying for up to {OUTAGE_SECONDS:.0f} s", file=sys.stderr, flush=True)
                     said = True
+                delay = min(delay, OUTAGE_SECONDS - waited)  # give up at OUTAGE_SECONDS, not up to 10 s later
                 time.sleep(delay)
                 waited += delay
                 delay = min(2 * delay, 10.0)
@@ -157,6 +160,39 @@ for _name, _member in vars(optuna.storages.RDBStorage).items():
     if (inspect.isfunction(_member) and not _name.startswith("__")
             and "session" not in inspect.signature(_member).parameters):
         setattr(OutageTolerantRDBStorage, _name, _riding_outages(_member))
+
+
+def tracking_lost(error: BaseException) -> bool:
+    """Whether ``error`` is MLflow's client giving up on the tracking server (after its own retries), not a
+    request the server refused."""
+    from mlflow.exceptions import MlflowException
+    text = str(error)
+    return isinstance(error, MlflowException) and ("Max retries exceeded" in text or "Connection" in text)
+
+
+def tracking_lost_message(error: BaseException) -> str:
+    """One line for :func:`tracking_lost`: the server (no credentials), why, and what to do."""
+    text = str(error)
+    why = re.search(r"\[Errno -?\d+\] ([^\"')]+)", text) or re.search(r"Caused by (\w+)", text)
+    uri = re.sub(r"://[^/@]*@", "://", mlflow.get_tracking_uri())
+    return (f"the MLflow tracking server {uri} did not answer ({why.group(1) if why else 'no connection'}) after "
+            "MLflow's retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES); the study is safe: run the same command again "
+            "once it is back")
+
+
+def probe_tracking(uri: str | None, timeout: float = 5.0) -> str | None:
+    """A note if the tracking server ``uri`` (http) does not answer its /health now, else None: MLflow's client
+    would otherwise retry it silently for minutes."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return None
+    import urllib.request
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure: refused, timeout, an HTTP error, a bad name
+        reason = getattr(e, "reason", None) or e
+        return (f"note: the MLflow tracking server {re.sub(r'://[^/@]*@', '://', uri)} does not answer ({reason}); "
+                "MLflow's client retries it for about 4 minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES) before this stops")
 
 
 class RootBusy(RuntimeError):

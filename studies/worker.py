@@ -24,14 +24,13 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 import torch
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
 from studies import queue
 from studies.crash import crash_point
 from studies.launcher import LAUNCHER_PID, finish, ignore_signal, reap, stop_failing, top_up
 from studies.spec import Cell, Spec, cells
-from studies.store import Store, StoreUnavailable
+from studies.store import Store, StoreUnavailable, tracking_lost
 from studies.tracking import cell_tags, close_run, provenance, run_name
 from studies.population import Member, PopulationSpec, member_models, population_size, train_population
 from studies.training import (GRAD_PROBE_SIZE, Divergence, TrainConfig, batch_to, device_name, gradient_by_lag,
@@ -134,13 +133,22 @@ class Worker:
         slots and replicate runs, reap dead workers' trials; safe with any number of processes doing
         it at once, see ``studies.queue``), so a study goes on while its launcher is down. The first to
         see the study done closes the cells' parent runs if no launcher has."""
-        waited = False
-        while not (self.prepared() and queue.check_fingerprints(self.spec, self.storage)):
+        waited = told = False
+        while True:
+            in_mlflow = self.prepared()
+            if in_mlflow and queue.check_fingerprints(self.spec, self.storage):
+                break
             self.check_launcher()
             if not waited:
                 print(f"waiting for study {self.spec.name!r} to be prepared in {self.store.tracking_uri} "
                       "(by `rnnbench run` with the same study file, store and --set)", flush=True)
                 waited = True
+            if in_mlflow and not told:  # MLflow has it, this worker's Optuna storage lacks a cell of its file
+                where = self.store.storage_url.split("@")[-1] if self.store.storage_url else self.store.journal
+                print(f"note: MLflow has study {self.spec.name!r} prepared, but the Optuna storage {where} holds "
+                      "not every cell of this study file (yet): if this worker's --storage or study file is not "
+                      "the coordinator's, stop it and give it the coordinator's", flush=True)
+                told = True
             time.sleep(poll)  # a worker on another machine may start before the launcher
         ran, idle = 0, 0
         while True:
@@ -242,7 +250,8 @@ class Worker:
             wall = time.perf_counter() - started + self.claim_seconds
             book, self.bookkeeping_seconds = self.bookkeeping_seconds, 0.0
             ts = int(time.time() * 1000)
-            for job in jobs:
+            lost = sys.exc_info()[1] is not None and lost_store(sys.exc_info()[1])
+            for job in ([] if lost else jobs):  # a lost server: no second round of MLflow's retries
                 self.client.log_batch(job.run_id, metrics=[Metric("wall_seconds", wall, ts, 0),
                                                            Metric("bookkeeping_seconds", book / len(jobs), ts, 0)])
         return len(jobs)
@@ -418,10 +427,7 @@ class Worker:
 
 def lost_store(error: BaseException) -> bool:
     """Whether an error is a store that stopped answering (after its retries), not the trial's doing."""
-    if isinstance(error, StoreUnavailable):
-        return True
-    text = str(error)
-    return isinstance(error, MlflowException) and ("Max retries exceeded" in text or "Connection" in text)
+    return isinstance(error, StoreUnavailable) or tracking_lost(error)
 
 
 _SHIELD = {"depth": 0, "pending": None}  # Worker.bookkeeping's nesting, and a stop signal it holds back

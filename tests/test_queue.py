@@ -8,6 +8,7 @@ import time
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from conftest import TINY
@@ -267,3 +268,15 @@ def test_best_trial_ties_go_to_the_lowest_slot_not_the_replacements_number():
     finish(study, queue.claim(study), 1.0)  # slot 0 again, trial number 3
     best = queue.best_trial(study.get_trials(), "minimize")
     assert (queue.slot(best), best.number) == (0, 3)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_changed_study_is_told_the_way_out_its_store_offers(tmp_path, shared):
+    """Another --root starts afresh with the embedded store, not with a database several machines share."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    queue.prepare_studies(specs.load(path)[0], storage)
+    with pytest.raises(queue.StudyChanged, match="give the study a new 'name'") as e:
+        queue.prepare_studies(specs.load(path, ["train.steps=41"])[0], storage, shared=shared)
+    assert ("another --root" in str(e.value)) == (not shared)

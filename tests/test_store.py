@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import sqlalchemy
 
-from conftest import rnnbench
+from conftest import free_port, rnnbench
 from studies import store
 
 
@@ -46,12 +50,44 @@ def test_a_refused_login_is_one_line_at_once(monkeypatch, message):
 
 
 def test_an_outage_longer_than_the_limit_ends_in_one_line(monkeypatch):
-    monkeypatch.setattr(store.time, "sleep", lambda s: None)
+    slept = []
+    monkeypatch.setattr(store.time, "sleep", slept.append)
     monkeypatch.setattr(store, "OUTAGE_SECONDS", 5)
     flaky = _Flaky([_operational("server closed the connection unexpectedly")] * 100)
-    with pytest.raises(store.StoreUnavailable, match="did not answer for"):
+    with pytest.raises(store.StoreUnavailable, match="did not answer for 5 s;"):  # not the backoff's overshoot
         flaky.call()
-    assert flaky.calls < 10
+    assert flaky.calls < 10 and sum(slept) == 5
+
+
+def test_a_full_database_says_so(monkeypatch, capsys):
+    """The server's own reason ("too many connections") rides along in the waiting line and the final error."""
+    monkeypatch.setattr(store.time, "sleep", lambda s: None)
+    monkeypatch.setattr(store, "OUTAGE_SECONDS", 1)
+    flaky = _Flaky([_operational("FATAL:  sorry, too many clients already")] * 100)
+    with pytest.raises(store.StoreUnavailable, match="too many clients already"):
+        flaky.call()
+    assert "too many clients already" in capsys.readouterr().err
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line(tmp_path):
+    """A note at once (MLflow's client would retry silently for minutes), then one line, exit 2, nothing a bug."""
+    url = f"http://127.0.0.1:{free_port()}"
+    assert "does not answer" in store.probe_tracking(url) and store.probe_tracking(None) is None
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    proc = subprocess.run([sys.executable, "-m", "rnnbench", "run", "quickstart", "--root", tmp_path / "runs",
+                           "--tracking-uri", url, "--workers", "0"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    note, error = proc.stderr.splitlines()
+    assert note.startswith(f"note: the MLflow tracking server {url} does not answer"), proc.stderr
+    assert error.startswith(f"error: the MLflow tracking server {url} did not answer"), proc.stderr
+    assert "the study is safe" in error
+
+
+def test_a_storage_password_is_never_shown():
+    from rnnbench import _shown
+    assert _shown("postgresql+psycopg2://rnnbench:s3cret@db:5432/optuna") == "postgresql+psycopg2://rnnbench@db:5432/optuna"
+    assert _shown("postgresql://rnnbench@db/optuna") == "postgresql://rnnbench@db/optuna"
 
 
 @pytest.mark.parametrize("url", ["/tmp/runs/optuna.journal", "bogus://host/db"])
