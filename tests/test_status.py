@@ -110,13 +110,19 @@ def test_last_error_is_the_latest_failure_of_the_cell(tmp_path):
         (rows[0].cell.key, "replicate", "RuntimeError: later")]
 
 
-def test_display_prints_one_line_per_ended_trial(tmp_path, capsys, monkeypatch):
+def topped_up_tiny_study(tmp_path):
+    """The TINY study prepared in a journal under tmp_path, its first trials queued: (spec, storage)."""
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY)
     spec, _, _ = specs.load(path)
     storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
     queue.prepare_studies(spec, storage)
     top_up(spec, storage)
+    return spec, storage
+
+
+def test_display_prints_one_line_per_ended_trial(tmp_path, capsys, monkeypatch):
+    spec, storage = topped_up_tiny_study(tmp_path)
     monkeypatch.setattr("sys.stdout.isatty", lambda: False)
     with Display(spec, interval=3600) as display:
         rows = queue.progress(spec, storage)
@@ -236,12 +242,7 @@ def test_status_checks_in_full_what_the_store_does_not_hold(tmp_path):
 
 def test_a_resumed_display_counts_the_interrupted_slots_still_to_run(tmp_path, capsys, monkeypatch):
     """Two trials interrupted before this run: one slot has been run again since, the other has not."""
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY)
-    spec, _, _ = specs.load(path)
-    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
-    queue.prepare_studies(spec, storage)
-    top_up(spec, storage)
+    spec, storage = topped_up_tiny_study(tmp_path)
     rows = queue.progress(spec, storage)
     study = queue.open_study(storage, queue.optuna_name(spec, rows[0].cell, "search"))
     first, second = queue.claim(study), queue.claim(study)
