@@ -53,10 +53,22 @@ def log_ticks(ax, values) -> None:
     (matplotlib labels them on short ranges, overlapping)."""
     lo, hi = float(np.min(values)), float(np.max(values))
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if hi / lo <= 100 else (1.0,)))
-    ax.xaxis.set_major_formatter(FuncFormatter(
-        lambda v, _: np.format_float_scientific(v, precision=1, trim="-", exp_digits=1)))  # 2.5e-3
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: short_float(v)))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.tick_params(axis="x", labelrotation=45)
+
+
+def short_float(v: float) -> str:
+    """2.5e-3, 1e-2, 9e-3: two significant digits at most, no trailing zeros."""
+    mantissa, exponent = f"{v:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def variant_colours(names: list[str]) -> dict[str, tuple]:
+    """One colour per variant, all distinct: the colour-blind palette up to its 10 colours, tab20 up to 20."""
+    n = max(len(names), 1)
+    palette = "colorblind" if n <= 10 else "tab20" if n <= 20 else "husl"
+    return dict(zip(names, sns.color_palette(palette, n)))
 
 
 def count_ticks(ax, values) -> None:
@@ -101,7 +113,7 @@ def style():
 def save(fig, folder: Path, stem: str) -> None:
     fig.tight_layout()
     for fmt in FORMATS:
-        fig.savefig(folder / f"{stem}.{fmt}", format=fmt, metadata=METADATA[fmt])
+        fig.savefig(folder / f"{stem}.{fmt}", format=fmt, metadata=METADATA[fmt], bbox_inches="tight")  # legends
     plt.close(fig)
 
 
@@ -123,8 +135,7 @@ class Painter:
         if "capacity_value" in with_capacity(tables.results):
             self.capacity_field = with_capacity(tables.results).capacity.iloc[0]
             self._split_capacities()
-        self.palette = dict(zip(self.order, sns.color_palette("colorblind", max(len(self.order), 1))))
-        self.variant_palette = dict(zip(self.variant_order, sns.color_palette("colorblind", max(len(self.variant_order), 1))))
+        self.palette, self.variant_palette = variant_colours(self.order), variant_colours(self.variant_order)
 
     def _split_capacities(self) -> None:
         """Relabel every table the per-variant figures read: variant -> ``lstm h=64`` (its capacity value)."""
@@ -222,7 +233,7 @@ class Painter:
         if data.empty:
             return "no run has a finite objective"
         values, ladder = self.values(task), self.ladder(task)
-        fig, axes = self.panels(len(values))
+        fig, axes = self.panels(len(values), width=max(3.4, 0.36 * len(self.order) + 1.0))  # room for the labels
         drawn: set[str] = set()
         for ax, value in zip(axes, values):
             panel = data[data.ladder_value == value]
@@ -239,7 +250,7 @@ class Painter:
                     ax.errorbar(x + 0.3, s["mean"], yerr=bar, fmt="D", c="k", ms=4, capsize=3, lw=1.2)
             drawn |= set(self.references(ax, task, value))
             ax.set(title=f"{ladder} = {value}", xlabel="", ylabel=f"final {self.metric}")
-            ax.set_xticks(range(len(self.order)), labels, rotation=30, ha="right", rotation_mode="anchor")
+            ax.set_xticks(range(len(self.order)), labels, rotation=45, ha="right", rotation_mode="anchor")
         if drawn:
             axes[-1].legend()
         self.finish(fig, axes, f"objective_{task}", f"{task}: final {self.metric} per variant", data.value, task)
@@ -248,7 +259,8 @@ class Painter:
             f"{task}: the final held-out {self.metric} of the {self.runs_word()} (coloured dots, one per run; "
             f"n = {span(n)} per variant and {ladder}, written under each variant) and their mean with its 95% "
             f"Student-t interval (black diamond and bar; no bar where n = 1), per variant; one panel per {ladder}"
-            f"{'; log y' if axes[0].get_yscale() == 'log' else ''}. " + self.reference_words(drawn)))
+            + ("; log y (an interval whose lower end is at or below 0 runs off the bottom)"
+               if axes[0].get_yscale() == "log" else "") + ". " + self.reference_words(drawn)))
 
     # --- 2. difficulty curves ------------------------------------------------------------------------
     def difficulty(self, task: str) -> Figure | str:
@@ -451,7 +463,8 @@ class Painter:
         return Figure(f"cost_{task}", f"{task}: cost", (
             f"{task}: final held-out {self.metric} of the {self.runs_word()} (one dot each) against the model's number of "
             f"trainable parameters (left) and its measured training time per step in seconds (right, "
-            f"wall-clock on the worker that ran it); colour: variant, marker: {ladder}."))
+            f"wall-clock on the worker that ran it; a population member's share of its population's time); "
+            f"colour: variant, marker: {ladder}."))
 
     # --- 7. gradient by lag -------------------------------------------------------------------------
     def gradient(self, task: str) -> Figure | str:

@@ -15,14 +15,15 @@ CSS = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 1em;c
        "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{padding:2px 7px;text-align:right;"
        "border-bottom:1px solid #ddd}th{background:#f3f3f3}tr.sig td{font-weight:bold}"
        "img{max-width:100%}figure{margin:1.5em 0}figcaption{font-size:13px;color:#444;max-width:900px}"
-       "pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:12px}dt{font-weight:bold}dd{margin-bottom:.4em}")
+       "pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:12px}dt{font-weight:bold}dd{margin-bottom:.4em}"
+       ".wide{overflow-x:auto}td{white-space:nowrap}")  # a wide table scrolls by itself, not the page
 
 
 def _num(x, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and not np.isfinite(x)) or x is pd.NA:
         return ""
     if isinstance(x, (float, np.floating)):
-        return f"{x:.{digits}g}"
+        return str(int(x)) if x.is_integer() and abs(x) < 1e15 else f"{x:.{digits}g}"  # 17473 parameters, not 1.747e+04
     return str(x)
 
 
@@ -32,7 +33,7 @@ def _table(df: pd.DataFrame, row_class=None) -> str:
     for i, (_, row) in enumerate(df.iterrows()):
         cls = f' class="{row_class[i]}"' if row_class is not None and row_class[i] else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(_num(v))}</td>" for v in row) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    return f"<div class='wide'><table><tr>{head}</tr>{''.join(body)}</table></div>"
 
 
 def interval(mean, low, high, n) -> str:
@@ -136,7 +137,7 @@ def _without_best(summ: pd.DataFrame) -> list[tuple[str, str]]:
 def stats_view(vs: pd.DataFrame) -> pd.DataFrame:
     size = {"capacity_value": "capacity"} if "capacity_value" in vs else {}
     cols = {"task": "task", "ladder_value": "ladder_value", **size, "variant": "variant", "n": "n", "n_ref": "n ref",
-            "mean": "mean", "mean_ref": "mean ref", "diff": "diff", "better": "", "t": "Welch t", "df": "df",
+            "mean": "mean", "mean_ref": "mean ref", "diff": "diff", "better": "means", "t": "Welch t", "df": "df",
             "p_welch": "p Welch", "p_welch_holm": "p Welch (Holm)", "hedges_g": "Hedges g",
             "success_rate": "success", "success_rate_ref": "success ref"}
     view = vs[list(cols)].rename(columns=cols)

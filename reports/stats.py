@@ -73,7 +73,7 @@ def policy(unit: str, objective_metric: str, direction: str) -> dict[str, str]:
         "excluded": "interrupted runs (the engine replaces them), superseded replicate runs, and non-finite "
                     "objectives (from the mean; a failed run still counts in the success rate)",
         "trial counts": "search trials by how their MLflow runs ended: complete, pruned, fail, interrupted (a "
-                        "trial interrupted before its run was created has no run: `rnnbench status` counts it "
+                        "trial interrupted before its run was created has no run: the command rnnbench status counts it "
                         "from the Optuna storage)",
     }
 

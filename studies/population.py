@@ -611,8 +611,8 @@ def train_population(task: Task, spec: PopulationSpec, members: list[Member], cf
     first_bad = torch.zeros(len(members), dtype=torch.long, device=device)  # first non-finite step; 0: none
     bad_loss = torch.zeros(len(members), device=device)
     alive = list(range(len(members)))  # the members still training, by index into ``members``
-    results = [MemberResult(metrics={}) for _ in members]
-    start = time.perf_counter()
+    results = [MemberResult(metrics={}, own_seconds=0.0) for _ in members]
+    start = last = time.perf_counter()
     step = 0
     while step < cfg.steps and alive:
         pop.train()
@@ -631,13 +631,15 @@ def train_population(task: Task, spec: PopulationSpec, members: list[Member], cf
         out_of_time = cfg.max_seconds is not None and time.perf_counter() - start >= cfg.max_seconds
         if not (step % cfg.eval_every == 0 or step == cfg.steps or out_of_time):
             continue
-        seconds = time.perf_counter() - start
         bad_steps, bad_values = first_bad.tolist(), bad_loss.tolist()
         metrics = _evaluate(task, pop, eval_batch)
+        now = time.perf_counter()
+        seconds, share, last = now - start, (now - last) / len(alive), now
         leaving = []
         for slot, j in enumerate(alive):
             r = results[j]
             r.steps, r.seconds = step, seconds
+            r.own_seconds += share
             if bad_steps[slot]:
                 r.error = Divergence(f"training loss became {bad_values[slot]} at step {bad_steps[slot]}")
                 leaving.append(slot)

@@ -126,6 +126,9 @@ class TrainResult:
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (step, eval metrics)
     steps: int = 0
     seconds: float = 0.0
+    # This model's share of the time: a population member's share of the population's (each stretch between
+    # evaluations divided among the members training in it); None for a run alone: all of ``seconds``.
+    own_seconds: float | None = None
 
 
 def train(task: Task, model: nn.Module, cfg: TrainConfig, eval_batch: Batch, seed: int,

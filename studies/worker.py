@@ -391,8 +391,9 @@ class Worker:
         value = result.metrics[metric]
         if not math.isfinite(value):
             raise Divergence(f"objective {metric} is {value}")
+        own = result.seconds if result.own_seconds is None else result.own_seconds  # a population member's share
         summary = {"objective": value, "train_seconds": result.seconds, "steps_done": result.steps,
-                   "seconds_per_step": result.seconds / max(result.steps, 1)}
+                   "seconds_per_step": own / max(result.steps, 1)}
         with self.bookkeeping():
             self.client.log_batch(job.run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), result.steps)
                                                        for k, v in summary.items()])

@@ -138,6 +138,9 @@ def test_a_pruned_member_leaves_and_the_others_go_on():
     assert isinstance(results[0].error, Pruned) and results[0].steps == 4
     assert isinstance(results[2].error, KeyError) and results[2].steps == 8
     assert [r.steps for r in (results[1], results[3])] == [12, 12]
+    # the population's time is shared out among the members training in each stretch: no second counted twice
+    assert sum(r.own_seconds for r in results) == pytest.approx(max(r.seconds for r in results), rel=1e-9)
+    assert results[0].own_seconds < results[2].own_seconds < results[1].own_seconds < results[1].seconds
     # a member that stays after another left still equals its sequential run
     eval_batch = task.eval_batch(16, 0)
     model, want = sequential(task, PopulationSpec("lstm", hidden_size=6), members[3],
