@@ -369,7 +369,7 @@ def status(spec, root, storage, overrides):
     """Trials finished/pruned/failed/running per cell, best objective, replication progress. SPEC: a study
     file or a shipped study's name, with the --set the study was run with."""
     from studies import spec as specs
-    from studies.queue import check_fingerprints, prepared_as_defined, progress
+    from studies.queue import check_fingerprints, optuna_name, prepared_as_defined, progress
     from studies.progress import status_table
 
     # Without torch where it can (its import is most of this command's time): the study file is checked in
@@ -398,6 +398,12 @@ def status(spec, root, storage, overrides):
     if parsed.deep:  # reloaded, or a study file with imports (always loaded deeply): its cells as prepared?
         check_fingerprints(parsed, optuna_storage, "give `status` the study file and --set the study was run with")
     status_table(parsed, progress(parsed, optuna_storage))
+    stored = {s.study_name for s in optuna_storage.get_all_studies() if s.study_name.startswith(f"{parsed.name}/")}
+    named = {optuna_name(parsed, cell, "search") for cell in specs.cells(parsed)}
+    missing, others = named - stored, {n for n in stored - named if not n.endswith("/replicates")}
+    if missing and others:  # e.g. run with --set tasks[0].seq_len=[6,8], status without it
+        click.echo(f"note: {len(missing)} of this file's cells are not in the store, which holds {len(others)} other "
+                   f"cell(s) of study {parsed.name}: give `status` the --set the study was run with", err=True)
 
 
 @cli.command()
@@ -606,14 +612,14 @@ def check_task(name, pairs, imports):
 
 
 def _key_values(pairs, option):
-    import yaml
+    from studies.spec import read_yaml
 
     values = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key:
             raise UserError(f"{option} {pair}: expected KEY=VALUE")
-        values[key] = yaml.safe_load(value)
+        values[key] = read_yaml(value)
     return values
 
 

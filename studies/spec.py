@@ -48,6 +48,31 @@ class SpecError(ValueError):
     """A mistake in a study file; the message is one line naming the file and the field."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as study files mean it: safe; ``1e-3`` is a number (YAML 1.1 reads exponents without a dot as
+    text); a key given twice in one mapping is an error (YAML keeps the last, silently dropping the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first at line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    """Parse YAML text the way study files and --set values are read (:class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -317,15 +342,16 @@ class Spec(Strict):
         if dupes:
             raise ValueError(f"variants: label {dupes[0]!r} used twice; give each entry a distinct 'label'")
         if self.sampler == "grid":
-            for v in self.variants:
-                space = {**self.search_space, **v.search_space}
-                for name, p in space.items():
+            for i, v in enumerate(self.variants):
+                for name, p in {**self.search_space, **v.search_space}.items():
                     if p.type != "categorical":
-                        raise ValueError(f"sampler grid needs categorical search spaces; {name!r} is {p.type}")
-                points = math.prod(len(p.choices) for p in space.values())
+                        where = f"variants[{i}].search_space" if name in v.search_space else "search_space"
+                        raise ValueError(f"sampler: grid needs categorical search spaces; {where}.{name} is {p.type}")
+                points = math.prod(len(p.choices) for p in {**self.search_space, **v.search_space}.values())
                 if self.trials > points:
-                    raise ValueError(f"trials ({self.trials}) exceeds the {points} points of variant "
-                                     f"{v.name!r}'s grid; set trials to at most {points}")
+                    raise ValueError(f"trials: {self.trials} trials exceed the {points} point"
+                                     f"{'s' * (points != 1)} of variant {v.name!r}'s grid; set trials to at most "
+                                     f"{points}")
         return self
 
 
@@ -467,7 +493,7 @@ def study_name(study: str) -> str:
     if not p.is_file():
         return study
     try:
-        data = yaml.safe_load(_read(p))
+        data = read_yaml(_read(p))
     except yaml.YAMLError:
         data = None
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
@@ -506,11 +532,12 @@ def load(path_or_name: str | Path, overrides: tuple[str, ...] | list[str] = (),
     path = resolve(str(path_or_name))
     text = _read(path)
     try:
-        data = yaml.safe_load(text)
+        data = read_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        why = " ".join(str(getattr(e, "problem", None) or e).split())  # one line, whatever YAML says
+        raise SpecError(f"{path}{where}: not valid YAML ({why})") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a study file is a mapping with at least 'name', 'tasks' and 'variants'")
     overrides = tuple(overrides)
@@ -560,7 +587,10 @@ def load(path_or_name: str | Path, overrides: tuple[str, ...] | list[str] = (),
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         field = _loc(err["loc"])
-        raise SpecError((f"{blame(field)}: {field}: {msg}" if err["loc"] else f"{blame('')}: {msg}")
+        if not err["loc"]:  # a check of the whole study (Spec._check): its message starts with the field
+            lead = msg.split(":", 1)[0]
+            field = lead if re.fullmatch(r"[\w.\[\]]+", lead) else ""
+        raise SpecError((f"{blame(field)}: {field}: {msg}" if err["loc"] else f"{blame(field)}: {msg}")
                         + _own_hint(msg, data)) from None
     except SpecError as e:  # from the checks above: "field: message"
         field = str(e).split(":", 1)[0] if ":" in str(e) else ""
@@ -587,7 +617,7 @@ def _override_keys(override: str) -> tuple[list[str | int], Any]:
         keys.append(m.group(1))
         keys += [int(i) for i in re.findall(r"\[(\d+)\]", m.group(2))]
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = read_yaml(value) if value.strip() else None
     except yaml.YAMLError as e:
         raise SpecError(f"--set {override}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
     return keys, parsed
@@ -830,6 +860,10 @@ def _check_variants(spec: Spec, tasks: list[Task]) -> None:
     from variants import build_variant, hidden_for_param_budget
     shapes = sorted({(rnn_input_size(t), t.output_size) for t in tasks})
     for i, v in enumerate(spec.variants):
+        dropouts = [(x, where) for x, where in _drawn(spec, i, "dropout") if x]
+        if dropouts and max(x for x, _ in _drawn(spec, i, "num_layers")) == 1:  # every variant's convention
+            raise SpecError(f"{dropouts[0][1]}: dropout {dropouts[0][0]} does nothing with num_layers 1 (it acts "
+                            "between stacked layers): set num_layers to 2 or more, or leave dropout at 0")
         searched = [name for name in _space(spec, i) if name.startswith(SWITCH)]
         drawn = [_drawn(spec, i, name) for name in MODEL_PARAMS + tuple(searched)]
         budgets = spec.model.param_budget if isinstance(spec.model.param_budget, list) else [spec.model.param_budget]

@@ -148,6 +148,26 @@ def test_unreadable_study_file_is_one_line(tmp_path):
         assert str(e.value).startswith(f"{path}: ") and words in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("text, words", [
+    # YAML keeps the last of two equal keys and drops the first without a word: refused, naming both lines
+    (BASE + "train: {steps: 20}\ntrials: 2\ntrain: {steps: 25}\n",
+     ":6: not valid YAML (key 'train' appears twice in one mapping (first at line 4))"),
+    (BASE.replace("seq_len: 10}", "seq_len: 10, seq_len: 12}"), ":2: not valid YAML (key 'seq_len' appears twice"),
+    ("name: t\x00\n", ": not valid YAML (unacceptable character #x0000: special characters are not allowed in"),
+])
+def test_yaml_mistakes_are_one_line_naming_the_line(tmp_path, text, words):
+    with pytest.raises(specs.SpecError) as e:
+        specs.load(write(tmp_path, text))
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_an_exponent_without_a_dot_is_a_number(tmp_path):
+    """YAML 1.1 reads 1e-3 as text; a study file means the number, in a choice and a --set alike."""
+    spec, _, _ = specs.load(write(tmp_path, BASE + "search_space: {lr: {type: categorical, choices: [1e-3, 1E-2]}}\n"),
+                            ["train.grad_clip=5e-1"])
+    assert spec.search_space["lr"].choices == [0.001, 0.01] and spec.train.grad_clip == 0.5
+
+
 CLOCKWORK5 = BASE.replace("[rnn]", "[rnn, {variant: clockwork, switches: {modules: 5}}]")
 
 
@@ -180,6 +200,10 @@ CLOCKWORK5 = BASE.replace("[rnn]", "[rnn, {variant: clockwork, switches: {module
     (BASE + "search_space: {num_layers: {type: int, low: 0, high: 2}}\n", "search_space.num_layers", "low 0"),
     (BASE + "search_space: {batch_size: {type: int, low: -4, high: 8}}\n", "search_space.batch_size", "low -4"),
     (BASE + "search_space: {dropout: {type: float, low: 0, high: 1}}\n", "search_space.dropout", "less than 1"),
+    # dropout acts between stacked layers: with one layer it would change nothing the report could show
+    (BASE + "model: {dropout: 0.5}\n", "model.dropout", "dropout 0.5 does nothing with num_layers 1"),
+    (BASE + "search_space: {dropout: {type: float, low: 0.0, high: 0.5}}\n", "search_space.dropout",
+     "dropout 0.5 does nothing with num_layers 1"),
     (BASE + "search_space: {dropout: {type: float, low: -0.1, high: 0.5}}\n", "search_space.dropout", "low -0.1"),
     (BASE + "search_space: {lr: {type: float, low: 0, high: 0.1}}\n", "search_space.lr", "greater than 0"),
     (BASE + "search_space: {lr: {type: float, low: 1.0e-4, high: 0.1, log: true, step: 1.0e-4}}\n",
@@ -222,7 +246,7 @@ def test_refused_at_load(tmp_path, text, field, words):
 
 @pytest.mark.parametrize("extra", [
     "objective: {metric: solved, direction: maximize}\n",
-    "search_space: {dropout: {type: float, low: 0.0, high: 0.6, step: 0.2}}\n",  # decimal steps are exact
+    "model: {num_layers: 2}\nsearch_space: {dropout: {type: float, low: 0.0, high: 0.6, step: 0.2}}\n",  # decimal steps are exact
     "search_space: {grad_clip: {type: categorical, choices: [null, 1.0]}}\n",
     "search_space: {hidden_size: {type: int, low: 8, high: 64, log: true}}\n",
     "model: {match: params, param_budget: 1000}\n",
@@ -241,7 +265,18 @@ def test_clockwork_fits_at_every_width_it_may_get(tmp_path):
 def test_grid_may_take_fewer_trials_than_points(tmp_path):
     grid = BASE + "sampler: grid\ntrials: 2\nsearch_space: {batch_size: {type: categorical, choices: [8, 16, 32]}}\n"
     specs.load(write(tmp_path, grid))
-    assert "exceeds the 3 points" in error(tmp_path, grid.replace("trials: 2", "trials: 4"))
+    assert ": trials: 4 trials exceed the 3 points" in error(tmp_path, grid.replace("trials: 2", "trials: 4"))
+    # a whole-study check names the override that broke it, not the file that did not
+    path = write(tmp_path, grid, "grid.yaml")
+    for override, words in (("trials=5", "--set trials=5: trials: 5 trials exceed the 3 points"),
+                            ("variants=[rnn, rnn]", "--set variants=[rnn, rnn]: variants: label 'rnn' used twice")):
+        with pytest.raises(specs.SpecError) as e:
+            specs.load(path, [override])
+        assert str(e.value).startswith(words), str(e.value)
+    with pytest.raises(specs.SpecError, match=r"^--set sampler=grid: sampler: grid needs categorical search spaces; "
+                                              r"search_space.lr is float"):
+        specs.load(write(tmp_path, BASE + "search_space: {lr: {type: float, low: 1.0e-3, high: 1.0e-2}}\n"),
+                   ["sampler=grid"])
 
 
 def test_cli_version():

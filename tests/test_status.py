@@ -256,3 +256,14 @@ def test_a_resumed_display_counts_the_interrupted_slots_still_to_run(tmp_path, c
     with Display(spec, interval=3600) as display:
         display.update(queue.progress(spec, storage))
     assert "3 trials had ended before this run (2 interrupted: 1 slot to run again)" in capsys.readouterr().out
+
+
+def test_status_without_the_runs_set_notes_the_cells_the_store_holds_instead(tmp_path):
+    """Run with a --set that renamed the cells, asked about without it: a note, not just a table of zeros."""
+    spec, path, root, storage = fake_study(tmp_path)
+    wider = specs.load(path, ["tasks[0].seq_len=[8, 16]"])[0]
+    queue.prepare_studies(wider, storage)
+    proc = rnnbench("status", path, "--root", root, "--set", "tasks[0].seq_len=[20]", check=False)
+    assert proc.returncode == 0 and "note: 2 of this file's cells are not in the store, which holds 6 other " \
+        "cell(s) of study tiny: give `status` the --set the study was run with" in proc.stderr, proc.stderr
+    assert "note:" not in rnnbench("status", path, "--root", root).stderr  # every cell there: nothing to note
