@@ -38,7 +38,6 @@ from studies.training import (GRAD_PROBE_SIZE, Divergence, TrainConfig, batch_to
 from variants import count_parameters
 
 
-
 @dataclass
 class Job:
     """A claimed trial on its way: its Optuna trial, its MLflow run, its seed."""
