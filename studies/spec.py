@@ -867,6 +867,7 @@ def _check_variants(spec: Spec, tasks: list[Task]) -> None:
         searched = [name for name in _space(spec, i) if name.startswith(SWITCH)]
         drawn = [_drawn(spec, i, name) for name in MODEL_PARAMS + tuple(searched)]
         budgets = spec.model.param_budget if isinstance(spec.model.param_budget, list) else [spec.model.param_budget]
+        widths: dict[tuple, int] = {}  # (task shape, depth, switches, width) -> the budget that gave it
         for budget, ((hidden, source), (layers, _), (dropout, _), *values) in itertools.product(
                 budgets, itertools.product(*drawn)):
             switches = {**v.switches, **{k.removeprefix(SWITCH): x for k, (x, _) in zip(searched, values)}}
@@ -877,9 +878,15 @@ def _check_variants(spec: Spec, tasks: list[Task]) -> None:
                 for width, outputs in shapes if spec.model.match == "params" else [(1, 0)]:
                     if spec.model.match == "params":
                         hidden = hidden_for_param_budget(v.variant, width, budget, layers, outputs, **switches)
+                        twin = widths.setdefault((width, outputs, layers, repr(switches), hidden), budget)
+                        if twin != budget:  # two cells would train the same model
+                            raise SpecError(f"model.param_budget: {twin} and {budget} both give variant {v.name!r} "
+                                            f"hidden_size {hidden}: space the ladder's values further apart")
                     with warnings.catch_warnings(), torch.device("meta"):
                         warnings.simplefilter("ignore")  # e.g. torch's note on dropout with one layer: trials show it
                         build_variant(v.variant, width, hidden, layers, dropout, **switches)
+            except SpecError:
+                raise
             except (ValueError, TypeError) as e:
                 width = source if hidden is None else f"hidden_size={hidden} from {source}"
                 raise SpecError(f"variants[{i}].switches: {e} ({width}, num_layers={layers}, dropout={dropout}{drew})"

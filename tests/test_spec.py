@@ -200,6 +200,9 @@ CLOCKWORK5 = BASE.replace("[rnn]", "[rnn, {variant: clockwork, switches: {module
     (BASE + "search_space: {num_layers: {type: int, low: 0, high: 2}}\n", "search_space.num_layers", "low 0"),
     (BASE + "search_space: {batch_size: {type: int, low: -4, high: 8}}\n", "search_space.batch_size", "low -4"),
     (BASE + "search_space: {dropout: {type: float, low: 0, high: 1}}\n", "search_space.dropout", "less than 1"),
+    # a capacity ladder whose two values build one model: two cells training the same thing
+    (BASE + "model: {match: params, param_budget: [300, 310]}\n", "model.param_budget",
+     "300 and 310 both give variant 'rnn' hidden_size 15"),
     # dropout acts between stacked layers: with one layer it would change nothing the report could show
     (BASE + "model: {dropout: 0.5}\n", "model.dropout", "dropout 0.5 does nothing with num_layers 1"),
     (BASE + "search_space: {dropout: {type: float, low: 0.0, high: 0.5}}\n", "search_space.dropout",
