@@ -181,7 +181,9 @@ def reconcile_runs(storage, client, exp_id: str) -> int:
 
 
 def finish_parents(client, rows: list[queue.CellProgress], parents: dict[str, str]) -> None:
-    """Close each cell's parent run with its summary (best objective, trial counts)."""
+    """Close each cell's parent run with its summary: trial counts, the best search trial (number and
+    objective, on the held-out set that chose it) and the mean objective of its replicate runs (the cell's
+    result: sort cells by this one in the MLflow UI)."""
     for row in rows:
         run_id = parents.get(row.cell.key)
         if not run_id:
@@ -192,8 +194,12 @@ def finish_parents(client, rows: list[queue.CellProgress], parents: dict[str, st
         metrics["trials_interrupted"] = s["interrupted"]
         metrics["replicates_ended"] = row.replicate["counted"]
         if row.best is not None:
-            metrics["best_objective"] = row.best.value
+            metrics["best_search_objective"] = row.best.value
             metrics["best_trial"] = row.best.number
+            values = [t.value for t in row.replicate_trials
+                      if t.state == queue.TrialState.COMPLETE and queue.source(t) == row.best.number]
+            if values:
+                metrics["replicates_mean_objective"] = sum(values) / len(values)
         ts = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
         if row.stopped is not None:

@@ -3,6 +3,7 @@
 import json
 import optuna
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -48,6 +49,13 @@ def test_mlflow_parent_child_structure(tiny_study):
         assert [m.step for m in history] == [20, 40]
     per_cell = pd.Series([c.data.tags["rnnbench.cell"] for c in children]).value_counts()
     assert (per_cell == TRIALS + REPLICATES).all()
+    for parent_id, parent in parents.items():  # the cell's summary: its best search trial and its result
+        mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent_id]
+        search = [c for c in mine if c.data.tags["rnnbench.kind"] == "search"]
+        best = min(search, key=lambda c: (c.data.metrics["objective"], int(c.data.tags["rnnbench.trial"])))
+        replicates = [c.data.metrics["objective"] for c in mine if c.data.tags["rnnbench.kind"] == "replicate"]
+        assert parent.data.metrics["best_search_objective"] == best.data.metrics["objective"]
+        assert parent.data.metrics["replicates_mean_objective"] == pytest.approx(sum(replicates) / len(replicates))
 
 
 def test_report_table_and_figures(tiny_study):
