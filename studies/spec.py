@@ -204,6 +204,9 @@ class Model(Strict):
         if self.match == "params" and isinstance(self.hidden_size, list):
             raise ValueError("a ladder of hidden_size needs match: width (with match: params the hidden size "
                              "is derived from param_budget: make param_budget the ladder)")
+        if self.match == "params" and "hidden_size" in self.model_fields_set:
+            raise ValueError(f"hidden_size {self.hidden_size} would be ignored: with match: params each variant's "
+                             "hidden size is derived from param_budget; remove hidden_size")
         return self
 
     @property

@@ -200,6 +200,9 @@ CLOCKWORK5 = BASE.replace("[rnn]", "[rnn, {variant: clockwork, switches: {module
     (BASE + "search_space: {num_layers: {type: int, low: 0, high: 2}}\n", "search_space.num_layers", "low 0"),
     (BASE + "search_space: {batch_size: {type: int, low: -4, high: 8}}\n", "search_space.batch_size", "low -4"),
     (BASE + "search_space: {dropout: {type: float, low: 0, high: 1}}\n", "search_space.dropout", "less than 1"),
+    # a width the study would not use
+    (BASE + "model: {match: params, param_budget: 300, hidden_size: 32}\n", "model",
+     "hidden_size 32 would be ignored: with match: params"),
     # a capacity ladder whose two values build one model: two cells training the same thing
     (BASE + "model: {match: params, param_budget: [300, 310]}\n", "model.param_budget",
      "300 and 310 both give variant 'rnn' hidden_size 15"),
@@ -261,7 +264,7 @@ def test_legal_edges_still_load(tmp_path, extra):
 def test_clockwork_fits_at_every_width_it_may_get(tmp_path):
     ok = CLOCKWORK5 + "search_space: {hidden_size: {type: int, low: 20, high: 40, step: 5}}\n"
     specs.load(write(tmp_path, ok, "ok.yaml"))
-    params = CLOCKWORK5 + "model: {match: params, param_budget: 2000, hidden_size: 32}\n"
+    params = CLOCKWORK5 + "model: {match: params, param_budget: 2000}\n"
     specs.load(write(tmp_path, params, "params.yaml"))  # the width is derived per variant, a multiple of 5
 
 
