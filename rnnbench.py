@@ -380,7 +380,7 @@ def status(spec, root, storage, overrides):
         parsed, _, _ = specs.load(spec, overrides)  # the error `run` gives
     if storage:
         optuna_storage = _store(root, storage).optuna_storage()
-    else:  # the journal alone, at Store.journal's path: studies.store would import MLflow, most of this command's time
+    else:  # the journal alone (Store.journal's path): studies.store would import MLflow, most of this command's time
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         journal = root.resolve() / "optuna.journal"
