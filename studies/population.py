@@ -62,7 +62,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from studies.training import (OPTIMIZERS, Divergence, SequenceModel, TrainConfig, TrainResult, batch_to,
-                              resolve_device)
+                              full_float32, resolve_device)
 from tasks import Batch, Task
 from variants import build_variant
 from variants.clockwork import ClockworkRNN, _schedule
@@ -165,14 +165,18 @@ def population_pays(variant: str, switches: dict[str, Any] | None, hidden_size: 
       runs): hidden 32 2.6-3.3x (1.8), 64 1.9-2.4x (1.8), 128 1.3-1.8x (1.26). Paid at hidden <= 128.
 
     The population's edge at these sizes is per-op overhead shared by P members; the matmuls and transcendental
-    functions cost the same per member (so the edge shrinks as hidden grows, and with FGR). On CUDA a small
-    RNN's step is kernel launches, which a population shares: taken to pay always (``benchmarks/gpu.sh``
-    measures it)."""
+    functions cost the same per member (so the edge shrinks as hidden grows, and with FGR).
+
+    On CUDA (``bash benchmarks/gpu.sh`` on an H200: hidden 128, B=64, T=100, wall time, 5 rounds) a small RNN's
+    step is kernel launches, which a population shares: the custom cells' populations of 16 ran 12.8-15.7x the
+    runs one after another (32: 22-30x; one member: 0.87-1.05x), so they pay at any size. Against cuDNN's fused
+    kernels the population's loop loses: 1 member 0.05-0.23x, 16 members 1.5x (lstm), 0.85x (gru), 3.3x (rnn);
+    never paid for ``lstm``/``np``, ``gru`` and ``rnn`` (replicates come 3-5 at a time)."""
     if not supports_population(variant, switches):
         return False
-    if torch.device(device).type == "cuda":
-        return True
     rnn = _meta_rnn(variant, switches)
+    if torch.device(device).type == "cuda":
+        return not (isinstance(rnn, ElmanRNN) or getattr(rnn, "native", False))
     if isinstance(rnn, LSTM):
         if rnn.native:
             return False
@@ -598,6 +602,7 @@ def train_population(task: Task, spec: PopulationSpec, members: list[Member], cf
         raise ValueError(f"variant {spec.variant!r} with switches {spec.switches} has no population form; "
                          "train its runs one by one (see supports_population)")
     torch.set_flush_denormal(True)  # subnormal floats can slow CPU recurrences ~10x
+    full_float32()
     device = resolve_device(device or "cpu")
     if device.type == "cpu":
         keep_freed_memory()
@@ -729,6 +734,7 @@ def benchmark_population(families: list[str] | None = None, hidden_sizes=(32, 64
     from tasks import build_task
 
     torch.set_flush_denormal(True)
+    full_float32()
     keep_freed_memory()  # for the sequential runs too: they are timed in this process, under the same malloc
     torch.set_num_threads(threads)
     device = resolve_device(device)

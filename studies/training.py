@@ -72,6 +72,14 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
+def full_float32() -> None:
+    """No TF32 on CUDA: cuDNN's RNNs use it by default (torch's matmuls do not), which put the native cells'
+    outputs ~1e-4 from float32 on an H200 while the custom cells, the CPU and the population walks compute in
+    float32. Every cell of a study then computes in float32 on every device."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def device_name(device: str | torch.device) -> str:
     """What to log as the run's device: ``"cpu"`` or the GPU's name (e.g. ``"NVIDIA H100 80GB HBM3"``)."""
     device = torch.device(device)
@@ -143,6 +151,7 @@ def train(task: Task, model: nn.Module, cfg: TrainConfig, eval_batch: Batch, see
     evaluation, naming the step where it first happened (no host sync per step).
     """
     torch.set_flush_denormal(True)  # subnormal floats can slow CPU recurrences ~10x
+    full_float32()
     device = next(model.parameters()).device if device is None else resolve_device(device)
     model.to(device)
     eval_batch = batch_to(eval_batch, device)
@@ -197,19 +206,20 @@ def gradient_by_lag(task: Task, model: SequenceModel, batch: Batch) -> list[floa
     """
     model.eval()
     batch = batch_to(batch, next(model.parameters()).device)
-    x = model.embed(batch.x) if model.embed is not None else batch.x
-    rnn, state, outs, hs = model.rnn, None, [], []
-    for t, x_t in enumerate(x.unbind(1)):
-        kwargs = {"t0": t} if getattr(rnn, "clocked", False) else {}
-        out, state = rnn(x_t.unsqueeze(1), state, **kwargs)
-        h = state[0] if isinstance(state, tuple) else state
-        for node in (out, h):
-            node.retain_grad()
-        hs.append((out, h))
-        outs.append(out)
-    loss = task.loss(model.head(torch.cat(outs, 1)), batch)
-    model.zero_grad(set_to_none=True)
-    loss.backward()
+    with torch.backends.cudnn.flags(enabled=False):  # cuDNN's RNN backward refuses eval mode; torch's own does not
+        x = model.embed(batch.x) if model.embed is not None else batch.x
+        rnn, state, outs, hs = model.rnn, None, [], []
+        for t, x_t in enumerate(x.unbind(1)):
+            kwargs = {"t0": t} if getattr(rnn, "clocked", False) else {}
+            out, state = rnn(x_t.unsqueeze(1), state, **kwargs)
+            h = state[0] if isinstance(state, tuple) else state
+            for node in (out, h):
+                node.retain_grad()
+            hs.append((out, h))
+            outs.append(out)
+        loss = task.loss(model.head(torch.cat(outs, 1)), batch)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
     # h_t reaches the loss twice: through the head at step t (out) and through later steps (state);
     # ``out[:, 0]`` and ``h[-1]`` hold the same values as two nodes of the graph, so their gradients add.
     def grad(node, top):

@@ -198,7 +198,8 @@ def test_population_pays_rule():
     assert not population_pays("peephole", {}, 256, "cpu") and not population_pays("gru", {}, 128, "cpu")
     assert population_pays("fgr", {}, 64, "cpu") and not population_pays("fgr", {}, 128, "cpu")
     assert not population_pays("lstm", {}, 32, "cpu")  # the fused kernel
-    assert population_pays("lstm", {}, 128, "cuda")
+    assert not population_pays("lstm", {}, 128, "cuda") and not population_pays("gru", {}, 32, "cuda")  # cuDNN
+    assert not population_pays("rnn", {}, 32, "cuda") and population_pays("peephole", {}, 256, "cuda")
     assert population_pays("depth_gated", {}, 32, "cpu") and not population_pays("depth_gated", {}, 64, "cpu")
     assert population_pays("clockwork", {"modules": 3}, 126, "cpu") and not population_pays("clockwork", {}, 256, "cpu")
     assert population_pays("clockwork", {}, 32, "cuda")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from studies.training import Divergence, SequenceModel, TrainConfig, gradient_by_lag, train
+from studies.training import Divergence, SequenceModel, TrainConfig, full_float32, gradient_by_lag, train
 from tasks import build_task
 
 
@@ -125,9 +125,11 @@ def _variant_outputs_and_grads(name, device, num_layers):
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_every_variant_on_cuda_matches_cpu(name, num_layers):
+    full_float32()  # as training sets it: cuDNN's TF32 is ~1e-4 off
     for got, want in zip(_variant_outputs_and_grads(name, "cuda", num_layers),
                          _variant_outputs_and_grads(name, "cpu", num_layers)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        # atol 1e-4: cuDNN sums in another order (H200: one gradient of a 2-layer rnn 3.6e-5 off); wrong math is ~1e-1
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @CUDA

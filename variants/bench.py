@@ -42,6 +42,7 @@ def benchmark(names: list[str] | None = None, batch: int = 64, hidden: int = 128
     """One row per variant (plus torch.nn.LSTM first, with as many layers): variant, params, fwd_ms, bwd_ms,
     total_ms, ratio_vs_lstm (total time over nn.LSTM's total time). On ``device="cuda"`` nn.LSTM is cuDNN's."""
     torch.set_flush_denormal(True)
+    torch.backends.cudnn.allow_tf32 = False  # float32 on cuDNN too, as studies train (studies.training.full_float32)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     x = torch.randn(batch, seq_len, input_size, device=device)
