@@ -388,7 +388,8 @@ def status(spec, root, storage, overrides):
             specs.load(spec, overrides)  # a mistake in the study file is said first
             raise UserError(f"{root.resolve()}: no study store here yet; run `rnnbench run {spec} --root {root}` first")
         optuna_storage = JournalStorage(JournalFileBackend(str(journal)))
-    held = sorted({s.study_name.split("/")[0] for s in optuna_storage.get_all_studies() if "/" in s.study_name})
+    names = [s.study_name for s in optuna_storage.get_all_studies()]  # read once: the held studies, and the note below
+    held = sorted({n.split("/")[0] for n in names if "/" in n})
     if parsed.name not in held:  # a mistyped --root or --set name=: not a table of zeros
         where = f"--storage {_shown(storage)}" if storage else str(root.resolve())
         raise UserError(f"{where}: no study {parsed.name!r} here (it holds: {', '.join(held) or 'none'}); "
@@ -398,7 +399,7 @@ def status(spec, root, storage, overrides):
     if parsed.deep:  # reloaded, or a study file with imports (always loaded deeply): its cells as prepared?
         check_fingerprints(parsed, optuna_storage, "give `status` the study file and --set the study was run with")
     status_table(parsed, progress(parsed, optuna_storage))
-    stored = {s.study_name for s in optuna_storage.get_all_studies() if s.study_name.startswith(f"{parsed.name}/")}
+    stored = {n for n in names if n.startswith(f"{parsed.name}/")}
     named = {optuna_name(parsed, cell, "search") for cell in specs.cells(parsed)}
     missing, others = named - stored, {n for n in stored - named if not n.endswith("/replicates")}
     if missing and others:  # e.g. run with --set tasks[0].seq_len=[6,8], status without it

@@ -121,6 +121,9 @@ def _variant_outputs_and_grads(name, device, num_layers):
     return [t.detach().cpu() for t in (out, h, x.grad, *(p.grad for p in m.parameters()))]
 
 
+CUDNN = {"lstm", "np", "gru", "rnn"}  # the variants that run torch's fused kernels (cuDNN on CUDA)
+
+
 @CUDA
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -128,8 +131,9 @@ def test_every_variant_on_cuda_matches_cpu(name, num_layers):
     full_float32()  # as training sets it: cuDNN's TF32 is ~1e-4 off
     for got, want in zip(_variant_outputs_and_grads(name, "cuda", num_layers),
                          _variant_outputs_and_grads(name, "cpu", num_layers)):
-        # atol 1e-4: cuDNN sums in another order (H200: one gradient of a 2-layer rnn 3.6e-5 off); wrong math is ~1e-1
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        # cuDNN's own kernels (lstm/np, gru, rnn) sum in another order: one gradient of a 2-layer rnn was 3.6e-5 off
+        # on an H200, so atol 1e-4 for them alone (wrong math is ~1e-1); the custom cells keep atol 1e-5
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 if name in CUDNN else 1e-5)
 
 
 @CUDA
