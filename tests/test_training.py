@@ -71,6 +71,15 @@ def test_time_budget_stops_training_with_a_final_eval():
     assert result.steps == 1 and result.history[-1][0] == 1
 
 
+def test_training_turns_off_tf32_so_cudnn_computes_in_float32():
+    """cuDNN's RNNs default to TF32 (~1e-4 off float32 on an H200): every training run turns it off."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    task = build_task("adding", seq_len=5)
+    train(task, SequenceModel(task, "lstm", 4), TrainConfig(steps=1, eval_every=1, batch_size=2),
+          task.eval_batch(4, 0), seed=0)
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
 def test_token_tasks_get_an_embedding_and_real_tasks_do_not():
     copy, adding = build_task("copy_memory", seq_len=5), build_task("adding", seq_len=5)
     assert SequenceModel(copy, "gru", 8).embed.embedding_dim == 10
