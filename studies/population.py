@@ -167,10 +167,11 @@ def population_pays(variant: str, switches: dict[str, Any] | None, hidden_size: 
     The population's edge at these sizes is per-op overhead shared by P members; the matmuls and transcendental
     functions cost the same per member (so the edge shrinks as hidden grows, and with FGR).
 
-    On CUDA (``bash benchmarks/gpu.sh`` on an H200: hidden 128, B=64, T=100, wall time, 5 rounds) a small RNN's
-    step is kernel launches, which a population shares: the custom cells' populations of 16 ran 12.8-15.7x the
-    runs one after another (32: 22-30x; one member: 0.87-1.05x), so they pay at any size. Against cuDNN's fused
-    kernels the population's loop loses: 1 member 0.05-0.23x, 16 members 1.5x (lstm), 0.85x (gru), 3.3x (rnn);
+    On CUDA (``bash benchmarks/gpu.sh`` on an H200, two runs: hidden 128, B=64, T=100, wall time, 5 rounds) a small
+    RNN's step is kernel launches, which a population shares: the custom cells' populations of 16 ran 12.8-16.2x
+    the runs one after another (32: 22-32x; one member: 0.87-1.05x), so they pay at any size. Against cuDNN's
+    fused kernels the population's loop loses: 1 member 0.05-0.23x, 16 members 1.5-1.6x (lstm), 0.77-0.85x
+    (gru), 2.8-3.3x (rnn);
     never paid for ``lstm``/``np``, ``gru`` and ``rnn`` (replicates come 3-5 at a time)."""
     if not supports_population(variant, switches):
         return False
