@@ -104,6 +104,8 @@ def hyperparameters(spec: Spec, cell: Cell, trial: optuna.Trial) -> dict:
           **spec.train.model_dump(include={"lr", "batch_size", "grad_clip", "weight_decay", "optimizer", "momentum",
                                            "nesterov"})}
     hp.update(suggest(trial, cell))
+    if hp["optimizer"] != "sgd":  # momentum and Nesterov are SGD's: the run records what it trained with, none
+        hp.update(momentum=0.0, nesterov=False)
     return hp
 
 

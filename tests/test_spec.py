@@ -354,6 +354,21 @@ def test_optimizer_momentum_and_nesterov(tmp_path):
     assert [name for name, _ in specs.cells(spec)[0].search_space] == ["optimizer", "momentum"]
 
 
+def test_a_trial_without_sgd_records_no_momentum(tmp_path):
+    """A searched optimizer: an adam or rmsprop trial trains with no momentum, and says so (it logged the
+    study's momentum, unused, before)."""
+    import optuna
+
+    from studies.worker import hyperparameters
+    spec, _, _ = specs.load(write(tmp_path, BASE + "train: {momentum: 0.9, nesterov: true}\nsearch_space:\n"
+                                  "  optimizer: {type: categorical, choices: [sgd, adam, rmsprop]}\n"))
+    cell = specs.cells(spec)[0]
+    used = {name: {k: hyperparameters(spec, cell, optuna.trial.FixedTrial({"optimizer": name}))[k]
+                   for k in ("momentum", "nesterov")} for name in ("sgd", "adam", "rmsprop")}
+    assert used == {"sgd": {"momentum": 0.9, "nesterov": True}, "adam": {"momentum": 0.0, "nesterov": False},
+                    "rmsprop": {"momentum": 0.0, "nesterov": False}}
+
+
 @pytest.mark.parametrize("text, field, words", [
     (BASE + "train: {optimizer: adamw}\n", "train.optimizer", "'adam', 'sgd' or 'rmsprop'"),
     (BASE + "train: {nesterov: true, momentum: 0.9}\n", "train.nesterov", "for optimizer sgd; optimizer is adam"),
