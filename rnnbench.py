@@ -497,7 +497,12 @@ def _live_report(store, study, out, reference, interval, port) -> int:
                 opened["storage"] = store.optuna_storage()
             opened["client"] = store.mlflow_client()
         tables = collect(opened["client"], study, opened["storage"])
-        return build_report(tables, out or store.reports_dir(study), reference)
+        digest = tables.digest()
+        if digest == opened.get("digest"):
+            return None  # nothing new since the last report: no redraw
+        index = build_report(tables, out or store.reports_dir(study), reference)
+        opened["digest"] = digest
+        return index
 
     try:
         return watch(regenerate, "127.0.0.1", port, interval, click.echo)

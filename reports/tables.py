@@ -15,6 +15,7 @@ objective) is what was known at collection time. Nothing else is read by ``--fro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from dataclasses import dataclass, field
@@ -67,6 +68,15 @@ class Tables:
     def variants(self) -> list[str]:
         """Variant labels present, in study-file order."""
         return _ordered(self.collection.get("variant_order", []), self.results.get("variant", []))
+
+    def digest(self) -> str:
+        """A hash of everything in the tables (as their CSV and the manifest write it): equal digests,
+        the same report. ``report --watch`` redraws only when it changes."""
+        h = hashlib.sha256()
+        for name in TABLES:
+            h.update(getattr(self, name).to_csv(index=False).encode())
+        h.update(json.dumps(self.collection, sort_keys=True, default=str).encode())
+        return h.hexdigest()
 
     @property
     def reference(self) -> str | None:

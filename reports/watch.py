@@ -4,7 +4,7 @@ the study runs, served on loopback with a page that reloads itself, until Ctrl-C
     watch(regenerate, host="127.0.0.1", port=8050, interval=10)
 
 ``regenerate()`` writes the report as `rnnbench report` does (``ROOT/reports/STUDY/``) and returns its
-index.html. The server never serves that folder: after each regeneration the folder is copied into a
+index.html, or None when the study has nothing new since its last report (the page stays as it is). The server never serves that folder: after each regeneration the folder is copied into a
 snapshot, and only the snapshot's index.html gets the ``<meta http-equiv="refresh">`` tag. So the saved
 report stays byte for byte what `rnnbench report --from` writes, and a browser never sees a report half
 written: the server switches to a new snapshot once it is complete.
@@ -115,7 +115,7 @@ def watch(regenerate: Callable[[], Path], host: str = "127.0.0.1", port: int = 8
     Raises :class:`PortInUse` at once if the port is taken.
     """
     page = LivePage(host, port, interval)
-    stop, saved = threading.Event(), None
+    stop, saved, unchanged = threading.Event(), None, False
 
     def interrupt(signum, frame):  # noted too: Python drops a KeyboardInterrupt raised inside a finalizer
         stop.set()
@@ -129,7 +129,7 @@ def watch(regenerate: Callable[[], Path], host: str = "127.0.0.1", port: int = 8
         while not stop.is_set():
             started = time.monotonic()
             try:
-                saved = regenerate()
+                index = regenerate()
             except LookupError as e:
                 if saved is None:
                     page.waiting(str(e))
@@ -137,8 +137,13 @@ def watch(regenerate: Callable[[], Path], host: str = "127.0.0.1", port: int = 8
             except Exception as e:  # noqa: BLE001 - a failed regeneration is retried; the page stays
                 echo(f"[{time.strftime('%H:%M:%S')}] report not regenerated: {type(e).__name__}: {e}")
             else:
-                page.publish(saved.parent)
-                echo(f"[{time.strftime('%H:%M:%S')}] report regenerated in {time.monotonic() - started:.1f} s")
+                if index is not None:
+                    saved, unchanged = index, False
+                    page.publish(saved.parent)
+                    echo(f"[{time.strftime('%H:%M:%S')}] report regenerated in {time.monotonic() - started:.1f} s")
+                elif not unchanged:  # said once, until something new comes
+                    unchanged = True
+                    echo(f"[{time.strftime('%H:%M:%S')}] nothing new since the last report; it stays")
             stop.wait(max(0.0, interval - (time.monotonic() - started)))  # every interval s, from start to start
     except KeyboardInterrupt:
         pass

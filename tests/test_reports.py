@@ -165,3 +165,17 @@ def test_reference_option_and_user_errors(report, tmp_path):
     assert neither.exit_code == 2 and "--from" in neither.output
     not_saved = runner.invoke(cli, ["report", "--from", str(tmp_path)])
     assert not_saved.exit_code == 2 and "not a saved report" in not_saved.output
+
+
+def test_the_tables_digest_changes_with_any_value(tiny_study):
+    """`report --watch` redraws when the digest changes: not for a finished study, for any value that moves."""
+    from reports.collect import collect
+    store = Store(tiny_study.root)
+    tables = collect(store.mlflow_client(), "tiny", store.optuna_storage())
+    again = collect(store.mlflow_client(), "tiny", store.optuna_storage())
+    assert tables.digest() == again.digest()  # a finished study: nothing new, no redraw
+    again.curves.loc[0, "value"] += 1e-12
+    assert tables.digest() != again.digest()
+    again = collect(store.mlflow_client(), "tiny", store.optuna_storage())
+    again.collection["stopped_cells"] = ["x"]
+    assert tables.digest() != again.digest()

@@ -39,6 +39,28 @@ def test_the_refresh_tag_goes_at_the_end_of_the_head():
     assert with_refresh("<p>no head</p>", 0.2) == '<meta http-equiv="refresh" content="1"><p>no head</p>'
 
 
+def test_the_page_is_redrawn_only_when_the_study_has_something_new(tmp_path, monkeypatch):
+    """regenerate() returns None when nothing changed: the page stays, said once per quiet stretch."""
+    from reports import watch as live
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "index.html").write_text("<html><head></head><body>report</body></html>")
+    ticks = iter([report / "index.html", None, None, report / "index.html", None])
+    published, lines = [], []
+    monkeypatch.setattr(live.LivePage, "publish", lambda page, folder: published.append(folder))
+
+    def regenerate():
+        try:
+            return next(ticks)
+        except StopIteration:
+            raise KeyboardInterrupt from None  # what Ctrl-C raises: the end of the watch
+    assert live.watch(regenerate, port=free_port(), interval=0, echo=lines.append) == 0
+    assert published == [report, report]
+    said = [line.split("] ")[1].split(" in ")[0] for line in lines if line.startswith("[")]
+    assert said == ["report regenerated", "nothing new since the last report; it stays", "report regenerated",
+                    "nothing new since the last report; it stays"]
+
+
 def test_watch_needs_a_study_name(tmp_path):
     proc = rnnbench("report", "--from", tmp_path, "--watch", check=False)
     assert proc.returncode == 2 and "--watch follows a study" in proc.stderr
