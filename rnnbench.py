@@ -50,14 +50,14 @@ class UserError(click.ClickException):
 def _user_error_types() -> tuple[type[Exception], ...]:
     """The project's own error types: imported only when an error is being handled (they live in
     modules that are slow to import)."""
-    from studies.launcher import WorkersDying
+    from studies.launcher import JournalLost, WorkersDying
     from studies.queue import StudyChanged
     from studies.spec import SpecError
     from studies.store import RootBusy, StoreUnavailable, StoreURLError
     from studies.tracking import LostTrials
     from tasks import TaskSettingError
-    return (SpecError, StudyChanged, RootBusy, StoreUnavailable, StoreURLError, WorkersDying, TaskSettingError,
-            LostTrials)
+    return (SpecError, StudyChanged, RootBusy, StoreUnavailable, StoreURLError, WorkersDying, JournalLost,
+            TaskSettingError, LostTrials)
 
 
 def user_errors(fn):

@@ -37,6 +37,17 @@ class WorkersDying(RuntimeError):
     """The launcher's workers keep dying (more than 3 restarts per worker)."""
 
 
+class JournalLost(RuntimeError):
+    """The embedded store's journal was deleted or replaced while the study ran."""
+
+
+def _check_journal(store: Store, journal: tuple[int, int] | None) -> None:
+    if journal is not None and store.journal_id() != journal:
+        raise JournalLost(f"{store.journal} was deleted or replaced while the study ran: stopped. The trials only "
+                          f"it recorded are gone (their MLflow runs stay); put the file back, or start again with "
+                          f"a fresh --root")
+
+
 def prepare(spec: Spec, spec_text: str, store: Store, storage, client) -> tuple[str, dict[str, str], list[str]]:
     """Create (or check) every cell's Optuna studies and MLflow parent run before workers start.
     Returns the MLflow experiment id, each cell's parent run id, and the cells of this study's name that
@@ -219,31 +230,37 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
                                     stdout=log, stderr=subprocess.STDOUT,
                                     pass_fds=(lock_fd,), env=env)
 
+        journal = None if store.distributed else store.journal_id()  # prepare() has written it
         finished = all(r.done() for r in queue.progress(spec, storage))  # a rerun of a finished study: no workers
         procs = [] if finished else [start(i) for i in range(workers)]
         last_reap = time.monotonic()
-        while True:
-            rows = stop_failing(spec, storage, queue.progress(spec, storage))
-            if on_progress:
-                on_progress(rows)
-            done = all(r.done() for r in rows)
-            if done and all(p.poll() is not None for p in procs):
-                break
-            crash_point("launcher.running")
-            for i, p in enumerate(procs):
-                if p.poll() is not None and not done:
-                    if p.returncode != 0:
-                        restarts += 1
-                        if restarts > 3 * workers:
-                            raise WorkersDying(f"workers keep dying ({restarts} deaths); see {logs}/worker-*.log")
-                    procs[i] = start(i)
-            if time.monotonic() - last_reap > 10 * poll:
-                if reap(spec, storage, client, exp_id, stale_after):
-                    rows = None  # reaping freed slots that top_up must see
-                last_reap = time.monotonic()
-            top_up(spec, storage, rows)
-            time.sleep(poll)
-        return finish(spec, storage, client, exp_id)
+        try:
+            while True:
+                _check_journal(store, journal)
+                rows = stop_failing(spec, storage, queue.progress(spec, storage))
+                if on_progress:
+                    on_progress(rows)
+                done = all(r.done() for r in rows)
+                if done and all(p.poll() is not None for p in procs):
+                    break
+                crash_point("launcher.running")
+                for i, p in enumerate(procs):
+                    if p.poll() is not None and not done:
+                        if p.returncode != 0:
+                            restarts += 1
+                            if restarts > 3 * workers:
+                                raise WorkersDying(f"workers keep dying ({restarts} deaths); see {logs}/worker-*.log")
+                        procs[i] = start(i)
+                if time.monotonic() - last_reap > 10 * poll:
+                    if reap(spec, storage, client, exp_id, stale_after):
+                        rows = None  # reaping freed slots that top_up must see
+                    last_reap = time.monotonic()
+                top_up(spec, storage, rows)
+                time.sleep(poll)
+            return finish(spec, storage, client, exp_id)
+        except Exception:
+            _check_journal(store, journal)  # a read of a new file at the old one's offset: say why it broke
+            raise
     finally:
         # A second Ctrl-C (or the SIGTERM a process group gets with it) must not cut the workers' closing short
         interrupt = signal.signal(signal.SIGINT, ignore_signal)

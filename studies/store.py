@@ -268,6 +268,15 @@ class Store:
     def mlflow_db(self) -> Path:
         return self.root / "mlflow.db"
 
+    def journal_id(self) -> tuple[int, int] | None:
+        """The journal file's identity (device, inode), None while there is none: another one mid-run means
+        the file was deleted or replaced under the study."""
+        try:
+            st = self.journal.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
     def repair_journal(self) -> None:
         """Undo what a process killed while writing the journal leaves behind: a stale lock file
         (Optuna would wait 30 s for it) and a last line cut short (it would break the next read once

@@ -189,3 +189,24 @@ def test_fault(name, tmp_path, mlflow_template, reference):
 @pytest.mark.parametrize("name", [n for n in SCENARIOS if n not in FAST])
 def test_fault_slow(name, tmp_path, mlflow_template, reference):
     scenario(name, tmp_path, mlflow_template, reference)
+
+
+def test_a_journal_deleted_mid_run_stops_the_study_in_one_line(tmp_path, mlflow_template):
+    """The embedded store's journal deleted under a running study: the launcher says so and stops its
+    workers (it ended in a traceback called a bug, from reading the new file at the old one's offset)."""
+    spec_path = tmp_path / "faults.yaml"
+    spec_path.write_text(FAULTS.replace("steps: 30,", "steps: 3000,"))  # trials long enough to delete under
+    root = fresh_root(tmp_path, mlflow_template)
+    proc = subprocess.Popen([sys.executable, "-m", "rnnbench", "run", str(spec_path), "--root", str(root),
+                             "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = Store(root).journal
+    deadline = time.monotonic() + 120
+    while not (journal.exists() and b"intermediate_value" in journal.read_bytes()):  # a trial is training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    journal.unlink()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines() == [f"error: {journal} was deleted or replaced while the study ran: stopped. "
+                                     "The trials only it recorded are gone (their MLflow runs stay); put the "
+                                     "file back, or start again with a fresh --root"]
