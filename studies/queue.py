@@ -14,7 +14,7 @@ States and transitions (Optuna's trial states; user attributes in brackets)::
 
     enqueue      (a top-up)      -> WAITING  [slot, source_trial]
     claim        (a worker)         WAITING -> RUNNING      atomic: exactly one claimer wins
-    record       (that worker)      RUNNING  [worker = host:pid, heartbeat]
+    record       (that worker)      RUNNING  [worker = host:pid or NAME:pid, heartbeat]
     beat         (that worker)      RUNNING  [heartbeat]    at every evaluation
     end          (that worker)      RUNNING -> COMPLETE | PRUNED | FAIL [error]      counted
     interrupt    (reaper/worker)    RUNNING -> FAIL [interrupted = reason]           not counted

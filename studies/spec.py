@@ -2,7 +2,8 @@
 
 A study crosses tasks (each list-valued setting is a ladder: one cell per value) with variants, and with
 the model's capacity where ``model.hidden_size`` or ``model.param_budget`` is a list (a ladder too);
-every (task settings, variant, capacity) is a *cell* with its own Optuna study. See README "Study files".
+every (task settings, variant, capacity) is a *cell* with its own two Optuna studies (search and replicates).
+See README "Study files".
 
 torch is imported only inside the functions that build tasks and variants (through ``tasks``, ``variants``
 and ``studies.training``, which import it): this module itself does not, so that ``rnnbench status`` on a
@@ -360,7 +361,8 @@ class Spec(Strict):
 
 @dataclass(frozen=True)
 class Cell:
-    """One (task settings, variant, capacity): the unit with its own Optuna study and MLflow parent run."""
+    """One (task settings, variant, capacity): the unit with its own Optuna studies (search, replicates) and MLflow
+    parent run."""
 
     task: str
     settings: tuple[tuple[str, Any], ...]  # as given in the study file, ladder value filled in

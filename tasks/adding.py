@@ -4,7 +4,7 @@ Two input channels of length T: values ~ U[0, 1] and a marker channel with exact
 uniform in the first half [0, T//2), one uniform in the second half [T//2, T) (0-based steps).
 Target: the sum of the two marked values, read at the last step. Loss: MSE.
 
-Memoryless baseline: always predict E[U1 + U2] = 1; MSE = Var(U1 + U2) = 1/6 (REFERENCE.md's). A predictor
+Memoryless baseline: always predict E[U1 + U2] = 1; MSE = Var(U1 + U2) = 1/6. A predictor
 that also reads the real-valued input at the last step does a little better, since the second mark falls on
 it with probability 1/(T - T//2): 1/6 - 1/(12 (T - T//2)) (T = 20: 0.158; T = 100: 0.165). The contract's
 predictors see tokens, not real values, so it does not count that one.

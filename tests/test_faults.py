@@ -9,7 +9,7 @@ and checks what "exactly once" promises:
   child run's parent exists, one parent per cell, none RUNNING;
 * the numbers are those of a run that was never interrupted (same slot, same seed, same result);
 * the rerun needed no timeout to recover (it finishes in far less than ``--stale-after``).
-The fast scenarios run in ``make test``; all of them under ``pytest -m slow``.
+The fast scenarios run in ``make test``; the others are marked slow (``pytest tests/test_faults.py`` runs all).
 """
 
 import os

@@ -1,4 +1,4 @@
-"""Every variant proven against its equations (REFERENCE.md section 2) or against torch's own modules.
+"""Every variant proven against its equations (its module docstring, its paper) or against torch's own modules.
 
 The reference implementations below are written from the papers' equations, one gate at a time, with
 autograd: they share no code with variants/. Comparisons cover outputs, final states and the gradients of
@@ -481,7 +481,7 @@ def test_registry_names():
         assert info.description and info.paper
 
 
-# What each short name computes, from REFERENCE.md section 2 and Greff et al. 2017, written out here rather than
+# What each short name computes, from Greff et al. 2017 (Table 1 and section 2), written out here rather than
 # read from the variants: the equation tests above take the switches from the model they check, so a preset
 # or a constructor that set the wrong switch (nog dropping the input gate, niaf and noaf swapped) would pass.
 GREFF = dict(peephole=True)
