@@ -74,6 +74,8 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except click.ClickException:  # said already (a UserError, a usage error): nothing slow to import
+            raise
         except OSError as e:
             import errno
             if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):

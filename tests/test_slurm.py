@@ -177,7 +177,7 @@ def test_command_gives_the_workers_the_studys_overrides(tmp_path):
                                 "http://db.lab:5000 --set train.steps=30 --set 'tasks[0].seq_len=[8, 10]'"), proc.stdout
 
 
-def test_docker_compose_file_is_valid_and_binds_loopback():
+def test_docker_compose_file_binds_loopback_and_wires_mlflow_to_postgres():
     path = REPO / "docs" / "docker-compose.yml"
     compose = yaml.safe_load(path.read_text())
     services = compose["services"]
@@ -193,11 +193,15 @@ def test_docker_compose_file_is_valid_and_binds_loopback():
     assert env["MLFLOW_BACKEND_STORE_URI"].endswith("@postgres:5432/mlflow")
     assert "CREATE DATABASE mlflow" in compose["configs"]["mlflow-database"]["content"]
     assert services["postgres"]["environment"]["POSTGRES_DB"] == "rnnbench"
+
+
+def test_docker_compose_accepts_the_compose_file():
     docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
-        proc = subprocess.run([docker, "compose", "-f", str(path), "config", "-q"], capture_output=True, text=True,
-                              env={**os.environ, "POSTGRES_PASSWORD": "x"})
-        assert proc.returncode == 0, proc.stderr
+    if not docker or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("no `docker compose` here to validate docs/docker-compose.yml with")
+    proc = subprocess.run([docker, "compose", "-f", str(REPO / "docs" / "docker-compose.yml"), "config", "-q"],
+                          capture_output=True, text=True, env={**os.environ, "POSTGRES_PASSWORD": "x"})
+    assert proc.returncode == 0, proc.stderr
 
 
 # --- a real one-node Slurm cluster ----------------------------------------------------------------------
