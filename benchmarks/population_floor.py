@@ -44,7 +44,8 @@ VIEWS = {"aten::" + op for op in (
     "select", "slice", "as_strided", "unbind", "view", "reshape", "transpose", "expand", "unsqueeze", "squeeze",
     "t", "split", "split_with_sizes", "narrow", "detach", "alias", "unflatten", "flatten", "permute", "_unsafe_view",
     "empty", "empty_like", "empty_strided", "resize_", "result_type", "lift_fresh", "contiguous", "matmul",
-    "linear", "to", "_to_copy", "item", "_local_scalar_dense", "is_nonzero", "zeros", "zeros_like", "stack", "cat")}
+    "linear", "to", "_to_copy", "item", "_local_scalar_dense", "is_nonzero", "zeros", "zeros_like", "stack", "cat",
+    "resolve_conj", "resolve_neg")}
 
 
 @contextlib.contextmanager

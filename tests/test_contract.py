@@ -201,9 +201,16 @@ class TimeFirstBatches(Adding):
         return Batch(b.x.transpose(0, 1), b.y)
 
 
+@dataclasses.dataclass(frozen=True)
+class MisnamedLadder(Adding):
+    name = "broken_misnamed_ladder"
+    ladder = "length"  # a typo for seq_len: a study would sweep a setting that does not exist
+
+
 @pytest.mark.parametrize("cls,rule", [
     (WrongBaseline, "baseline"), (InertKnob, "settings change the data"), (IgnoresGenerator, "seeds"),
     (Unvalidated, "impossible settings"), (SolvedWithoutMemory, "baseline"), (TimeFirstBatches, "batch layout"),
+    (MisnamedLadder, "declarations"),
 ])
 def test_task_contract_catches(registries, cls, rule):
     tasks.register(cls)
@@ -220,6 +227,9 @@ def test_task_contract_reasons(registries):
         check_task("broken_inert_knob", seq_len=10))["settings change the data"]
     with pytest.raises(AssertionError, match="counts as solved"):
         assert_task_contract("broken_solved_without_memory", seq_len=10)
+    tasks.register(MisnamedLadder)  # only the declarations rule can see a ladder that names no setting
+    assert failed(check_task("broken_misnamed_ladder", seq_len=10)) == {
+        "declarations": "ladder 'length' is not a setting"}
 
 
 def test_task_contract_reports_impossible_settings():

@@ -8,7 +8,7 @@ and checks what "exactly once" promises:
 * exactly one MLflow run per trial that started one, every run's trial exists, none is RUNNING, every
   child run's parent exists, one parent per cell, none RUNNING;
 * the numbers are those of a run that was never interrupted (same slot, same seed, same result);
-* the rerun needed no timeout to recover (it finishes in far less than ``--stale-after``).
+* the rerun needed no timeout to recover (its ``--stale-after`` is an hour, past the test's own timeout).
 The fast scenarios run in ``make test``; the others are marked slow (``pytest tests/test_faults.py`` runs all).
 """
 
@@ -68,9 +68,9 @@ def test_every_crash_point_has_a_scenario():
     assert used == set(POINTS)
 
 
-def run(spec_path, root, env=None, timeout=300) -> subprocess.CompletedProcess:
+def run(spec_path, root, env=None, timeout=300, stale_after=10) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rnnbench", "run", str(spec_path), "--root", str(root),
-                           "--stale-after", "10"], capture_output=True, text=True, timeout=timeout,
+                           "--stale-after", str(stale_after)], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
@@ -172,10 +172,9 @@ def scenario(name, tmp_path, mlflow_template, reference):
         store = Store(root)
         fd = store.lock(wait_for_orphans=60)  # the workers died with their launcher and freed the root
         os.close(fd)
-    started = time.monotonic()
-    second = run(spec_path, root)
+    # Stale after an hour: a rerun that recovered by waiting for a heartbeat to go stale would time out
+    second = run(spec_path, root, stale_after=3600)
     assert second.returncode == 0, second.stderr
-    assert time.monotonic() - started < 120  # nothing waited for --stale-after or a lock timeout
     check_invariants(root, spec_path)
     assert numbers(root, spec_path) == reference
 

@@ -5,6 +5,8 @@ mlflow or pydantic installed).
 """
 
 import math
+import platform
+import sys
 
 import pytest
 import torch
@@ -221,9 +223,27 @@ def test_a_members_numbers_do_not_depend_on_its_companions(variant, layers):
             assert torch.equal(p, q)
 
 
-def test_keep_freed_memory_is_idempotent():
+def test_keep_freed_memory_keeps_a_freed_buffers_pages():
+    """Where glibc's mallopt is there it is applied; then a 64 MB buffer allocated again after its free reuses
+    pages already faulted in (counted, not timed). Without the setting glibc serves it with a fresh mmap each
+    time: every round faults all its pages. The first rounds may fault while the freed space coalesces."""
     first = keep_freed_memory()
     assert isinstance(first, bool) and keep_freed_memory() == first
+    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+        assert not first
+        return
+    assert first
+    import resource  # Unix only
+
+    n = 1 << 24  # floats: 64 MB
+    pages = 4 * n // resource.getpagesize()
+    rounds = []
+    for _ in range(12):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        buffer = torch.ones(n)  # every page touched
+        rounds.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        del buffer
+    assert min(rounds) < pages // 10, f"minor faults per round: {rounds}, {pages} pages each"
 
 
 def test_benchmark_rows_carry_the_spread_over_rounds():
@@ -287,11 +307,43 @@ def test_population_size_builds_the_members_configuration_only_where_a_populatio
     assert population_size(3, "replicate", set(), lambda: small, "cpu") == 3
 
 
-def test_the_floor_benchmark_splits_a_populations_step(capsys):
+def _floor_benchmark():
     import runpy
     from pathlib import Path
 
-    floor = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" / "population_floor.py"))
+    return runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" / "population_floor.py"))
+
+
+def test_the_floor_split_puts_each_op_in_its_category():
+    """``split`` on steps of known ops: a category none of the step's ops belongs to is exactly 0, and where a
+    step also records cheap helper ops (an allocation, mm's resolve_conj) its own op's category is the largest;
+    no timing thresholds."""
+    split = _floor_benchmark()["split"]
+    a, b = torch.randn(128, 128), torch.randn(128, 128)
+
+    def mm():
+        torch.mm(a, b)  # aten::mm, plus aten::resolve_conj (no arithmetic for real tensors: bookkeeping)
+
+    def sigmoid():
+        torch.sigmoid(a)
+
+    def views():
+        for _ in range(20):  # aten::view, t, transpose, select, unsqueeze, as_strided: bookkeeping
+            a.view(-1), a.t(), a.transpose(0, 1), a[0], a.unsqueeze(0)
+
+    got = split(mm)  # 4 Mflop against a no-op (and whatever allocation a torch version records)
+    assert max(got, key=got.get) == "matmul", got
+    got = split(sigmoid)
+    assert max(got, key=got.get) == "elementwise" and got["matmul"] == 0.0, got
+    got = split(views)
+    assert got["overhead"] > 0 and got["matmul"] == 0.0 and got["elementwise"] == 0.0, got
+    got = split(lambda: (mm(), sigmoid(), views()))
+    assert min(got.values()) > 0, got
+
+
+def test_the_floor_benchmark_prints_a_row_of_shares_that_sum_to_the_step(capsys):
+    """main's output: the profiled shares rescaled to the unprofiled step (what split puts where is tested above)."""
+    floor = _floor_benchmark()
     threads = torch.get_num_threads()
     try:
         floor["main"](["--families", "clockwork", "--hidden", "4", "--members", "2", "--repeats", "1", "--batch", "4",

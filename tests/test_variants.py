@@ -92,6 +92,23 @@ def ref_lstm_family(m, x, state):
     return layer_in, (torch.stack(hs), torch.stack(cs))
 
 
+def ref_elman(m, x, state, nonlinearity="tanh"):
+    """Elman 1990: h_t = φ(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), φ = tanh or relu as asked (the switch's
+    value, not the model's attribute: a constructor that dropped the switch must not pass)."""
+    phi = {"tanh": torch.tanh, "relu": torch.relu}[nonlinearity]
+    layer_in, hs = x, []
+    for k in range(m.num_layers):
+        W, U = getattr(m, f"weight_ih_l{k}"), getattr(m, f"weight_hh_l{k}")
+        b_ih, b_hh = getattr(m, f"bias_ih_l{k}"), getattr(m, f"bias_hh_l{k}")
+        h, outs = state[k], []
+        for t in range(x.shape[1]):
+            h = phi(layer_in[:, t] @ W.T + b_ih + h @ U.T + b_hh)
+            outs.append(h)
+        layer_in = torch.stack(outs, 1)
+        hs.append(h)
+    return layer_in, torch.stack(hs)
+
+
 def ref_gru(m, x, state):
     """Cho et al. 2014 (r before U) or torch's form (r after U), per m.reset_after."""
     H = m.hidden_size
@@ -117,14 +134,17 @@ def ref_gru(m, x, state):
     return layer_in, torch.stack(hs)
 
 
-def ref_depth_gated(m, x, state, close_gate=False):
+def ref_depth_gated(m, x, state, close_gate=False, drop=None):
     """Yao et al. 2015: d = σ(b_d + w_ld c_t^{L-1} + W_xd x_t + w_cd c_{t-1}^L); c += d c_t^{L-1};
-    below the lowest layer, c_t^0 = W_proj x_t."""
+    below the lowest layer, c_t^0 = W_proj x_t. ``drop(k, h)``: the inter-layer dropout of layer k's input
+    h^{k-1} (B, T, H), k >= 1; the cells passed up are not dropped out."""
     H = m.hidden_size
     h0, c0 = state
     layer_in, hs, cs = x, [], []
     lower = [x[:, t] @ m.weight_proj.T for t in range(x.shape[1])]
     for k in range(m.num_layers):
+        if k > 0 and drop is not None:
+            layer_in = drop(k, layer_in)
         Wi, Wf, Wg, Wo, Wd = getattr(m, f"weight_ih_l{k}").split(H)
         Ui, Uf, Ug, Uo = getattr(m, f"weight_hh_l{k}").split(H)
         bi, bf, bg, bo, bd = getattr(m, f"bias_ih_l{k}").split(H)
@@ -174,11 +194,13 @@ def ref_clockwork(m, x, state, t0=0):
     return layer_in, torch.stack(hs)
 
 
-def reference(name, m, x, state):
+def reference(name, m, x, state, switches=None):
     if name in LSTM_FAMILY:
         return ref_lstm_family(m, x, state)
     if name in ("gru", "gru_cho"):
         return ref_gru(m, x, state)
+    if name == "rnn":
+        return ref_elman(m, x, state, (switches or {}).get("nonlinearity", "tanh"))
     if name == "depth_gated":
         return ref_depth_gated(m, x, state)
     if name == "clockwork":
@@ -197,6 +219,10 @@ EQUATION_CASES = [
     ("gru_cho", {}), ("depth_gated", {}), ("depth_gated", dict(forget_bias=1.0)),
     ("clockwork", {}), ("clockwork", dict(modules=2)), ("clockwork", dict(periods=[1, 3, 4, 6])),
     ("clockwork", dict(periods=[2, 4])),
+    # rnn: tanh (torch's init), the IRNN (relu, identity init by default), relu with torch's init, identity-
+    # initialised tanh
+    ("rnn", {}), ("rnn", dict(nonlinearity="relu")), ("rnn", dict(nonlinearity="relu", identity_init=False)),
+    ("rnn", dict(identity_init=True)),
 ]
 
 
@@ -232,7 +258,7 @@ def test_loop_matches_equations(case):
     x = torch.randn(4, 9, 3, requires_grad=True)
     state = random_state(m, 4)
     out, st = m(x, state)
-    ref_out, ref_st = reference(name, m, x, state)
+    ref_out, ref_st = reference(name, m, x, state, switches)
     assert out.shape == (4, 9, 8)
     assert_close_all([out, *flat(st)], [ref_out, *flat(ref_st)])
     assert_close_all(grads(m, x, out, st), grads(m, x, ref_out, ref_st))
@@ -307,6 +333,38 @@ def test_irnn_identity_init():
     assert not torch.equal(build_variant("rnn", 3, 5).weight_hh_l0, torch.eye(5))
 
 
+@pytest.mark.parametrize("switches,identity", [
+    ({}, False), (dict(identity_init=True), True), (dict(nonlinearity="relu"), True),
+    (dict(nonlinearity="relu", identity_init=False), False), (dict(nonlinearity="tanh", identity_init=False), False),
+], ids=["tanh", "tanh-identity", "irnn", "relu-torch-init", "tanh-identity-off"])
+def test_rnn_identity_init_sets_every_layer(switches, identity):
+    """identity_init (Le et al. 2015): W_hh = I and b_ih = b_hh = 0 in every layer; W_ih keeps torch's init
+    (the same draws as nn.RNN's from the same seed). Off, every parameter is torch's init."""
+    layers, H = 3, 5
+    torch.manual_seed(0)
+    m = build_variant("rnn", 3, H, num_layers=layers, **switches)
+    torch.manual_seed(0)
+    ref = nn.RNN(3, H, layers, batch_first=True, nonlinearity=switches.get("nonlinearity", "tanh"))
+    assert m.identity_init is identity and m.nonlinearity == ref.nonlinearity
+    for k in range(layers):
+        torch.testing.assert_close(getattr(m, f"weight_ih_l{k}"), getattr(ref, f"weight_ih_l{k}"), atol=0, rtol=0)
+        for name in ("weight_hh", "bias_ih", "bias_hh"):
+            p = getattr(m, f"{name}_l{k}")
+            if identity:
+                expected = torch.eye(H) if name == "weight_hh" else torch.zeros(H)
+            else:
+                expected = getattr(ref, f"{name}_l{k}")
+                assert p.abs().min() > 0, (name, k)  # a real draw, not zeros left behind
+            torch.testing.assert_close(p, expected, atol=0, rtol=0, msg=f"{name}_l{k}")
+    with torch.no_grad():  # and reset_parameters (called again, e.g. by a re-initialisation) does the same
+        for p in m.parameters():
+            p.fill_(0.25)
+    m.reset_parameters()
+    for k in range(layers):
+        assert torch.equal(getattr(m, f"weight_hh_l{k}"), torch.eye(H)) == identity, k
+        assert (not getattr(m, f"bias_ih_l{k}").any() and not getattr(m, f"bias_hh_l{k}").any()) == identity, k
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Depth-gated and clockwork specifics.
 # ---------------------------------------------------------------------------------------------------------
@@ -319,8 +377,10 @@ def test_depth_gated_with_closed_gate_is_stacked_lstm():
         for k in range(3):
             for n in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"):
                 getattr(ref, f"{n}_l{k}").copy_(getattr(m, f"{n}_l{k}")[:24])
-    x = torch.randn(4, 8, 3)
+    x = torch.randn(4, 8, 3, requires_grad=True)
     state = random_state(m, 4)
+    for s in state:
+        s.requires_grad_()
     out, st = m(x, state)
     ref_out, ref_st = ref(x, state)
     assert not torch.allclose(out, ref_out, atol=1e-3)  # the open gate matters ...
@@ -329,6 +389,58 @@ def test_depth_gated_with_closed_gate_is_stacked_lstm():
             getattr(m, f"bias_ih_l{k}")[24:] = -math.inf  # ... and shut, d = σ(-inf) = 0 exactly
     out, st = m(x, state)
     assert_close_all([out, *st], [ref_out, *ref_st])
+    # gradients too: of the input, the initial state and the LSTM's parameters (their i, f, g, o rows) ...
+    names = [f"{n}_l{k}" for k in range(3) for n in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")]
+    lstm_params = [getattr(m, n) for n in names]
+    gate_params = [m.weight_proj, *(getattr(m, f"{n}_l{k}") for k in range(3) for n in ("weight_ld", "weight_cd"))]
+    g = torch.autograd.grad(loss_of(out, st), [x, *state, *lstm_params, *gate_params])
+    ref_g = torch.autograd.grad(loss_of(ref_out, ref_st), [x, *state, *(getattr(ref, n) for n in names)])
+    n = 3 + len(names)
+    assert_close_all([*g[:3], *(d[:24] for d in g[3:n])], ref_g)
+    # ... and nothing reaches the shut gate: its rows, the projection and the peepholes get exactly zero
+    for d in [*(d[24:] for d in g[3:n] if d.shape[0] == 30), *g[n:]]:
+        assert not d.any()
+
+
+def test_depth_gated_dropout_drops_the_hidden_output_not_the_cell_passed_up(monkeypatch):
+    """Between stacked layers only x = h^{L-1} is dropped out; c^{L-1} reaches the depth gate intact. Dropout
+    is replaced by a recorded deterministic mask, and the reference applies the same masks to x alone."""
+    import torch.nn.functional as F
+    import variants.depth_gated as dg
+
+    assert dg.F.dropout is F.dropout  # the function the module calls, patched below
+    p, B, T, H, layers = 0.4, 4, 9, 6, 3
+    calls = []
+
+    def recorded_dropout(x, p_, training=True, inplace=False):
+        assert (p_, training, inplace) == (p, True, False)
+        gen = torch.Generator().manual_seed(100 + len(calls))
+        mask = (torch.rand(x.shape, generator=gen) >= p_).to(x.dtype) / (1 - p_)
+        calls.append((tuple(x.shape), mask))
+        return x * mask
+
+    torch.manual_seed(0)
+    m = build_variant("depth_gated", 3, H, num_layers=layers, dropout=p).train()
+    x = torch.randn(B, T, 3, requires_grad=True)
+    state = random_state(m, B)
+    for s in state:
+        s.requires_grad_()
+    monkeypatch.setattr(dg.F, "dropout", recorded_dropout)
+    out, st = m(x, state)
+    monkeypatch.undo()
+    assert len(calls) == layers - 1  # one per layer boundary, on x only
+
+    def same_masks(k, h):  # call k - 1 dropped layer k's input; the module runs time-major, (T, B, H)
+        shape, mask = calls[k - 1]
+        assert shape in ((T, B, H), (B, T, H)), shape
+        return h * (mask.transpose(0, 1) if shape == (T, B, H) else mask)
+
+    ref_out, ref_st = ref_depth_gated(m, x, state, drop=same_masks)
+    assert_close_all([out, *st], [ref_out, *ref_st])
+    wrt = [x, *state, *m.parameters()]
+    assert_close_all(torch.autograd.grad(loss_of(out, st), wrt), torch.autograd.grad(loss_of(ref_out, ref_st), wrt))
+    # the masks matter: the reference without them is another network
+    assert not torch.allclose(out, ref_depth_gated(m, x, state)[0], atol=1e-3)
 
 
 def test_clockwork_unscheduled_modules_keep_state_exactly():
@@ -388,8 +500,18 @@ def test_clockwork_with_one_module_is_elman():
     ref = nn.RNN(3, 6, 2, batch_first=True)
     sd = {k.replace("_m0", ""): v for k, v in m.state_dict().items()}
     ref.load_state_dict(sd)
-    x = torch.randn(2, 5, 3)
-    assert_close_all(m(x), ref(x))
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    h0 = random_state(m, 2).requires_grad_()
+    out, h = m(x, h0)
+    ref_out, ref_h = ref(x, h0)
+    assert_close_all([out, h], [ref_out, ref_h])
+    assert_close_all(m(x), ref(x))  # state=None is a zero state, as for nn.RNN
+    # gradients: of the input, the initial state and every parameter, by name
+    names = [n for n, _ in m.named_parameters()]
+    assert sorted(n.replace("_m0", "") for n in names) == sorted(n for n, _ in ref.named_parameters())
+    g = torch.autograd.grad(loss_of(out, h), [x, h0, *m.parameters()])
+    ref_g = torch.autograd.grad(loss_of(ref_out, ref_h), [x, h0, *(getattr(ref, n.replace("_m0", "")) for n in names)])
+    assert_close_all(g, ref_g)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -551,7 +673,11 @@ def test_parameter_count_relations():
 # gradcheck), for every registered variant at its defaults and for every switch case above.
 # ---------------------------------------------------------------------------------------------------------
 
-CONTRACT_CASES = [(name, {}) for name in sorted(VARIANTS)] + [c for c in EQUATION_CASES if c[1]]
+# Not the IRNN (relu, W_hh = I, zero biases): a unit dead at one step then has a pre-activation of exactly 0
+# (I h + W 0 + 0) at the next, relu's kink, where gradcheck's finite differences cannot agree with any
+# derivative. Its gradients are checked against the equations above and against nn.RNN below.
+CONTRACT_CASES = [(name, {}) for name in sorted(VARIANTS)] + [
+    c for c in EQUATION_CASES if c[1] and c != ("rnn", dict(nonlinearity="relu"))]
 
 
 @pytest.mark.parametrize("case", CONTRACT_CASES, ids=case_id)
