@@ -1,12 +1,12 @@
-"""A live study page (`rnnbench report STUDY --watch`): the report regenerated every few seconds while
-the study runs, served on loopback with a page that reloads itself, until Ctrl-C.
+"""A live study page (`rnnbench report STUDY --watch`): the report regenerated every few seconds while the
+study runs (when its logs changed), served on loopback with a page that reloads itself, until Ctrl-C.
 
     watch(regenerate, host="127.0.0.1", port=8050, interval=10)
 
 ``regenerate()`` writes the report as `rnnbench report` does (``ROOT/reports/STUDY/``) and returns its
-index.html, or None when the study has nothing new since its last report (the page stays as it is). The server never serves that folder: after each regeneration the folder is copied into a
-snapshot, and only the snapshot's index.html gets the ``<meta http-equiv="refresh">`` tag. So the saved
-report stays byte for byte what `rnnbench report --from` writes, and a browser never sees a report half
+index.html, or None when the study has nothing new since its last report (the page stays as it is). The
+server never serves that folder: after each regeneration the folder is copied into a snapshot, and only
+the snapshot's index.html gets the ``<meta http-equiv="refresh">`` tag. So the saved report stays byte for byte what `rnnbench report --from` writes, and a browser never sees a report half
 written: the server switches to a new snapshot once it is complete.
 """
 
@@ -125,7 +125,7 @@ def watch(regenerate: Callable[[], Path], host: str = "127.0.0.1", port: int = 8
     try:
         if not answers(page.url):
             raise RuntimeError(f"the live page's server at {page.url} does not answer")
-        echo(f"live report: {page.url}  (regenerated every {interval:g} s; Ctrl-C to stop)")
+        echo(f"live report: {page.url}  (checked every {interval:g} s, redrawn when the study moved; Ctrl-C to stop)")
         while not stop.is_set():
             started = time.monotonic()
             try:

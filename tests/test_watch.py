@@ -104,7 +104,7 @@ def test_live_page_follows_a_running_study(tmp_path):
     url = f"http://127.0.0.1:{port}/"
     try:
         assert out.wait_for("live report:", timeout=60) == \
-            f"live report: {url}  (regenerated every 2 s; Ctrl-C to stop)"
+            f"live report: {url}  (checked every 2 s, redrawn when the study moved; Ctrl-C to stop)"
         first = wait_until(lambda: max(served_runs(url), 0), 120, "a report with runs", study, watch)
 
         shot1 = tmp_path / "live-1.png"
