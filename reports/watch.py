@@ -4,10 +4,11 @@ study runs (when its logs changed), served on loopback with a page that reloads 
     watch(regenerate, host="127.0.0.1", port=8050, interval=10)
 
 ``regenerate()`` writes the report as `rnnbench report` does (``ROOT/reports/STUDY/``) and returns its
-index.html, or None when the study has nothing new since its last report (the page stays as it is). The
-server never serves that folder: after each regeneration the folder is copied into a snapshot, and only
-the snapshot's index.html gets the ``<meta http-equiv="refresh">`` tag. So the saved report stays byte for byte what `rnnbench report --from` writes, and a browser never sees a report half
-written: the server switches to a new snapshot once it is complete.
+index.html, or None when the study has nothing new since its last report (the page stays as it is). The server
+never serves that folder: after each regeneration the folder is copied into a snapshot, and only the
+snapshot's index.html gets the ``<meta http-equiv="refresh">`` tag. So the saved report stays byte for byte
+what `rnnbench report --from` writes, and a browser never sees a report half written: the server switches to a
+new snapshot once it is complete.
 """
 
 from __future__ import annotations
