@@ -1,10 +1,10 @@
 """A worker: claims queued trials of a prepared study and runs them, until every cell is done.
 
-Workers claim queued trials atomically; a standalone worker (not one a launcher started) also enqueues
-them when idle (``top_up``, taking turns on a lock with any other), so any number of them, on any
-machines, share one queue and the counts stay exact. A worker started by a launcher
-(``RNNBENCH_LAUNCHER_PID``) dies with it: the kernel sends it SIGTERM when the launcher goes (Linux), and it checks between evaluations
-too; either way it closes its trial in hand as interrupted and exits, freeing the root's lock.
+Workers claim queued trials atomically; a standalone worker (not one a launcher started) also enqueues them
+when idle (``top_up``, taking turns on a lock with any other), so any number of them, on any machines, share
+one queue and the counts stay exact. A worker started by a launcher (``RNNBENCH_LAUNCHER_PID``) dies with it:
+the kernel sends it SIGTERM when the launcher goes (Linux), and it checks between evaluations too; either way
+it closes its trial in hand as interrupted and exits, freeing the root's lock.
 """
 
 from __future__ import annotations
