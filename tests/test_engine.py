@@ -563,3 +563,56 @@ def test_a_worker_keeps_ignoring_a_signal_it_was_started_ignoring():
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+def test_a_stop_signal_waits_for_the_store_call_in_progress():
+    """Ctrl-C or SIGTERM during a talk with Optuna or MLflow takes effect when it is done, in the launcher as in
+    a worker: cut short, a `search_runs` left MLflow's SQLite database locked while the launcher waited for its
+    workers, which then could not close their trials (a two-worker stop timed out in CI)."""
+    from studies import launcher
+    saved = signal.signal(signal.SIGINT, launcher.stop)
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with launcher.store_calls():
+                with launcher.store_calls():  # nested, as a worker's bookkeeping around top-ups
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.1)  # the handler has run: held back
+                    done.append("inner")
+                done.append("outer")
+        assert done == ["inner", "outer"]  # the whole talk ran, then the stop
+        with pytest.raises(KeyboardInterrupt):  # outside a store call: at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
+def test_the_launcher_talks_to_the_stores_inside_store_calls(tmp_path, monkeypatch):
+    """The store calls of the launcher's loop (progress, reaping, top-ups) run inside store_calls: a launcher
+    without workers, stopped at its third wait, with each such call noting whether it is shielded."""
+    from studies import launcher
+    seen, waits = [], []
+
+    def noting(fn):
+        def call(*args, **kwargs):
+            seen.append((fn.__name__, launcher._SHIELD["depth"] > 0))
+            return fn(*args, **kwargs)
+        return call
+    for name in ("stop_failing", "reap", "top_up"):
+        monkeypatch.setattr(launcher, name, noting(getattr(launcher, name)))
+
+    def wait(seconds):
+        waits.append(seconds)
+        if len(waits) == 3:
+            raise KeyboardInterrupt
+        time_sleep(0.02)  # past 10 polls: the loop reaps
+    time_sleep = time.sleep
+    monkeypatch.setattr(launcher.time, "sleep", wait)
+    spec_path = write_spec(tmp_path, STOP)
+    spec, _, sha = specs.load(spec_path)
+    with pytest.raises(KeyboardInterrupt):
+        launcher.run_study(spec, spec_path, sha, Store(tmp_path / "runs"), workers=0, poll=0.001)
+    # before the loop, one reap and one top-up run unshielded: no worker exists yet to wait on a lock they leave
+    assert seen[:2] == [("reap", False), ("top_up", False)], seen
+    assert {name for name, _ in seen[2:]} == {"stop_failing", "reap", "top_up"} and all(s for _, s in seen[2:]), seen
