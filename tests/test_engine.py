@@ -125,9 +125,11 @@ def test_stopping_a_two_worker_run_closes_every_trial_in_hand(tmp_path, sig):
     """Ctrl-C in a terminal (SIGINT to the whole process group) or `timeout` (SIGTERM to it): each worker
     gets that signal and then the launcher's SIGTERM, while it closes its trial; nothing is left RUNNING."""
     spec_path, root = write_spec(tmp_path, STOP), tmp_path / "runs"
+    # As from a terminal: Ctrl-C delivered even where pytest itself was started ignoring it (in the background
+    # of a script), which the launcher and its workers would inherit and keep (a test below)
     proc = subprocess.Popen([sys.executable, "-m", "rnnbench", "run", str(spec_path), "--root", str(root),
                              "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while time.time() < deadline:  # both workers mid-trial, each with its MLflow run
