@@ -347,11 +347,12 @@ class Spec(Strict):
             raise ValueError(f"variants: label {dupes[0]!r} used twice; give each entry a distinct 'label'")
         if self.sampler == "grid":
             for i, v in enumerate(self.variants):
-                for name, p in {**self.search_space, **v.search_space}.items():
+                space = {**self.search_space, **v.search_space}
+                for name, p in space.items():
                     if p.type != "categorical":
                         where = f"variants[{i}].search_space" if name in v.search_space else "search_space"
                         raise ValueError(f"sampler: grid needs categorical search spaces; {where}.{name} is {p.type}")
-                points = math.prod(len(p.choices) for p in {**self.search_space, **v.search_space}.values())
+                points = math.prod(len(p.choices) for p in space.values())
                 if self.trials > points:
                     raise ValueError(f"trials: {self.trials} trials exceed the {points} point"
                                      f"{'s' * (points != 1)} of variant {v.name!r}'s grid; set trials to at most "
