@@ -224,6 +224,13 @@ class Painter:
                 if text.get_text() in per_variant:
                     text.set_text(f"{text.get_text()} (n = {per_variant[text.get_text()]})")
 
+    @staticmethod
+    def no_runs(ax, panel: pd.DataFrame) -> bool:
+        """Say so on a panel with nothing to draw (a ladder value whose runs have not ended yet)."""
+        if panel.empty:
+            ax.text(0.5, 0.5, "no run yet", transform=ax.transAxes, ha="center", va="center", color="0.4")
+        return panel.empty
+
     def runs_word(self) -> str:
         return "replicate runs (seeds)" if self.unit == "replicate" else "complete search trials"
 
@@ -377,6 +384,8 @@ class Painter:
         drawn: set[str] = set()
         for ax, value in zip(axes, values):
             panel = curves[curves.ladder_value == value]
+            if self.no_runs(ax, panel):
+                continue
             sns.lineplot(panel, x="step", y="value", hue="variant", hue_order=self.order, palette=self.palette,
                          estimator="median", errorbar=("pi", 50), ax=ax, legend=ax is axes[-1])
             drawn |= set(self.references(ax, task, value))
@@ -477,6 +486,8 @@ class Painter:
         values, ladder = self.values(task), self.ladder(task)
         fig, axes = self.panels(len(values))
         for ax, value in zip(axes, values):
+            if self.no_runs(ax, medians[medians.ladder_value == value]):
+                continue
             sns.lineplot(medians[medians.ladder_value == value], x="lag", y="norm", hue="variant",
                          hue_order=self.order, palette=self.palette, style="phase", style_order=["trained", "init"],
                          errorbar=None, ax=ax, legend=ax is axes[-1])

@@ -80,11 +80,13 @@ class Tables:
 
     @property
     def reference(self) -> str | None:
-        """The study file's reference variant (its ``reference``, else lstm, else the first variant)."""
+        """The study file's reference variant (its ``reference``, else lstm, else the first variant), among the
+        variants present, or before any run is logged, among those the study file names."""
+        known = self.variants or self.collection.get("variant_order", [])
         ref = self.collection.get("reference")
-        if ref in self.variants:
+        if ref in known:
             return ref
-        return "lstm" if "lstm" in self.variants else (self.variants[0] if self.variants else None)
+        return "lstm" if "lstm" in known else (known[0] if known else None)
 
 
 def package_versions(packages) -> dict[str, str]:

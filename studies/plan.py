@@ -58,7 +58,7 @@ from studies.population import PopulationSpec, keep_freed_memory, population_siz
 from studies.spec import SWITCH, Cell, Spec, _param_values, cells
 from studies.training import (GRAD_PROBE_SIZE, SequenceModel, TrainConfig, gradient_by_lag, make_optimizer,
                                optimizer_name)
-from variants import count_parameters
+from variants import count_parameters, shapes_only
 
 __all__ = ["CellPlan", "Plan", "calibrate", "estimate", "format_plan", "makespan"]
 
@@ -130,10 +130,10 @@ def estimate(spec: Spec, root: Path, workers: int = 1, cores: int | None = None,
         for hp in configs:
             switches = cell.switches(hp)
             hidden = cell.hidden_size(task, hp)
-            with torch.device("meta"), warnings.catch_warnings():
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                counts.append(count_parameters(SequenceModel(task, cell.variant.variant, hidden,
-                                                             int(hp["num_layers"]), 0.0, switches)))
+                counts.append(count_parameters(shapes_only(lambda: SequenceModel(
+                    task, cell.variant.variant, hidden, int(hp["num_layers"]), 0.0, switches))))
             widths.append(hidden)
             key = _key(cell, task, hp, switches, hidden, spec.train.eval_size, spec.replicates > 0)
             if key not in cache:

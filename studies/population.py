@@ -64,7 +64,7 @@ from torch.autograd.function import once_differentiable
 from studies.training import (OPTIMIZERS, Divergence, SequenceModel, TrainConfig, TrainResult, batch_to,
                               full_float32, resolve_device)
 from tasks import Batch, Task
-from variants import build_variant
+from variants import build_variant, shapes_only
 from variants.clockwork import ClockworkRNN, _schedule
 from variants.clockwork import _Recurrence as _ClockworkRecurrence
 from variants.depth_gated import DepthGatedLSTM, layer_weights
@@ -113,12 +113,11 @@ def _family(rnn: nn.Module) -> str | None:
 
 
 def _meta_rnn(variant: str, switches: dict[str, Any] | None, num_layers: int = 1) -> nn.Module | None:
-    """The variant built on the meta device (no memory) at a width it accepts (clockwork: a multiple of its
-    modules), or None where its switches are refused."""
+    """The variant built for its shapes (:func:`variants.shapes_only`) at a width it accepts (clockwork: a
+    multiple of its modules), or None where its switches are refused."""
     for hidden in range(4, 257, 4):
         try:
-            with torch.device("meta"):
-                return build_variant(variant, 1, hidden, num_layers, 0.0, **(switches or {}))
+            return shapes_only(lambda: build_variant(variant, 1, hidden, num_layers, 0.0, **(switches or {})))
         except ValueError:
             continue
         except TypeError:

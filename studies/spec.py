@@ -858,13 +858,13 @@ def _check_objective(spec: Spec, tasks: list[Task]) -> None:
 
 def _check_variants(spec: Spec, tasks: list[Task]) -> None:
     """Build each variant once with its switches at every width, depth, dropout and searched switch value
-    a trial may give it (on the meta device: no memory, no init cost), so contradictory switches or a width
+    a trial may give it (for its shapes only: ``variants.shapes_only``), so contradictory switches or a width
     the variant refuses (clockwork: a multiple of ``modules``) stop the study at load, not in every trial.
     With ``match: params`` the width is the one trials derive for each task's input and output sizes."""
-    import torch
     from studies.training import rnn_input_size
-    from variants import build_variant, hidden_for_param_budget
+    from variants import build_variant, hidden_for_param_budget, shapes_only
     shapes = sorted({(rnn_input_size(t), t.output_size) for t in tasks})
+    user = _user_variants(spec)
     for i, v in enumerate(spec.variants):
         dropouts = [(x, where) for x, where in _drawn(spec, i, "dropout") if x]
         if dropouts and max(x for x, _ in _drawn(spec, i, "num_layers")) == 1:  # every variant's convention
@@ -888,15 +888,20 @@ def _check_variants(spec: Spec, tasks: list[Task]) -> None:
                         if twin != budget:  # two cells would train the same model
                             raise SpecError(f"model.param_budget: {twin} and {budget} both give variant {v.name!r} "
                                             f"hidden_size {hidden}: space the ladder's values further apart")
-                    with warnings.catch_warnings(), torch.device("meta"):
+                    with warnings.catch_warnings():
                         warnings.simplefilter("ignore")  # e.g. torch's note on dropout with one layer: trials show it
-                        build_variant(v.variant, width, hidden, layers, dropout, **switches)
+                        shapes_only(lambda: build_variant(v.variant, width, hidden, layers, dropout, **switches))
             except SpecError:
                 raise
-            except (ValueError, TypeError) as e:
+            except Exception as e:  # noqa: BLE001 - a refusal (ValueError, TypeError), or a user cell's own error
+                if not isinstance(e, (ValueError, TypeError)) and v.variant not in user:
+                    raise  # a shipped variant that fails to build is a bug
                 width = source if hidden is None else f"hidden_size={hidden} from {source}"
-                raise SpecError(f"variants[{i}].switches: {e} ({width}, num_layers={layers}, dropout={dropout}{drew})"
-                                ) from None
+                field = f"variants[{i}].switches" if switches else f"variants[{i}]"
+                said = (str(e).strip().splitlines() or [""])[0]
+                if not isinstance(e, (ValueError, TypeError)):
+                    said = f"variant {v.variant!r} fails to build: {type(e).__name__}: {said}"
+                raise SpecError(f"{field}: {said} ({width}, num_layers={layers}, dropout={dropout}{drew})") from None
 
 
 def _check_user_variants(spec: Spec, tasks: list[Task]) -> None:
@@ -908,7 +913,7 @@ def _check_user_variants(spec: Spec, tasks: list[Task]) -> None:
     from variants import build_variant, hidden_for_param_budget
     shapes = sorted({(rnn_input_size(t), t.output_size) for t in tasks})
     for i, v in enumerate(spec.variants):
-        if _defined_in("variant", v.variant) not in {file for _, file in spec._imported.values()}:
+        if v.variant not in _user_variants(spec):
             continue
         (hidden, _), (layers, _), (dropout, _) = (_drawn(spec, i, name)[0] for name in MODEL_PARAMS)
         budget = spec.model.capacities()[0].param_budget
@@ -931,6 +936,12 @@ def _check_user_variants(spec: Spec, tasks: list[Task]) -> None:
                 raise SpecError(f"variants[{i}]: variant {v.variant!r} fails on a (2, 8, {width}) batch with "
                                 f"hidden_size={hidden}: {type(e).__name__}" + (f": {text[0]}" if text else "")
                                 + f"; `rnnbench check variant {v.variant} --imports FILE` runs every check") from e
+
+
+def _user_variants(spec: Spec) -> set[str]:
+    """The variants the study file names that its imports define (not shipped ones)."""
+    files = {file for _, file in spec._imported.values()}
+    return {v.variant for v in spec.variants if _defined_in("variant", v.variant) in files}
 
 
 def _drawn(spec: Spec, i: int, name: str) -> list[tuple[Any, str]]:

@@ -5,6 +5,7 @@ import hashlib
 import itertools
 import json
 import math
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -299,6 +300,21 @@ def test_an_unfinished_study_says_so_and_keeps_to_its_replicate_runs(tmp_path):
     assert t.unit == "search"
 
 
+def test_a_study_prepared_with_no_run_yet_has_a_report(tmp_path):
+    """What `report --watch` meets in the seconds after `run` prepared the study: the study file's reference
+    stands, though no variant has a run."""
+    t = synthetic(n=2, tasks=("adding",))
+    t.results, t.curves, t.grad_by_lag, t.importance = (x.iloc[0:0] for x in (t.results, t.curves, t.grad_by_lag,
+                                                                             t.importance))
+    t.collection.update(replicates=2, reference="twin", cells_without_runs=["adding(seq_len=10)/lstm"])
+    assert t.variants == [] and t.reference == "twin"
+    page = build_report(t, tmp_path).read_text()
+    assert "No trial has run yet." in page and "1 cell with no run yet (adding(seq_len=10)/lstm)" in page
+    assert "Each variant against the reference (twin)" in page
+    del t.collection["reference"]
+    assert t.reference == "lstm"  # as when runs are logged: lstm, else the first variant of the study file
+
+
 def test_stopped_cells_are_collected_from_optuna_and_listed_on_the_page(tmp_path):
     import optuna
     storage = optuna.storages.InMemoryStorage()
@@ -433,6 +449,17 @@ def test_figures_explain_what_is_missing(tmp_path):
     missing = {k: v for k, v in out["adding"] if not isinstance(v, Figure)}
     assert set(missing) == {"capacity", "gradient", "importance", "lr_sensitivity"}
     assert all(isinstance(v, str) and v for v in missing.values())
+
+
+def test_a_ladder_value_without_curves_yet_is_a_panel_that_says_so(tmp_path):
+    t = synthetic(n=3, tasks=("adding",))
+    first = t.results.run_id[t.results.ladder_value == 10]
+    t.curves = t.curves[~t.curves.run_id.isin(first)]  # seq_len 10: no run has reached an evaluation
+    t.grad_by_lag = t.grad_by_lag[~t.grad_by_lag.run_id.isin(first)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # seaborn warned "Ignoring palette" on the empty panel
+        out = dict(draw_all(t, stats.cell_stats(stats.selected_runs(t.results)), tmp_path)["adding"])
+    assert isinstance(out["learning"], Figure) and isinstance(out["gradient"], Figure)
 
 
 def test_figures_with_nothing_to_show_are_not_drawn(tmp_path):

@@ -16,6 +16,7 @@ import yaml
 
 from conftest import rnnbench
 from studies import spec as specs
+from variants import build_variant, count_parameters, hidden_for_param_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -131,6 +132,13 @@ BROKEN = {
                    "[nan_cell, lstm]",
                    "variants[0]: variant 'nan_cell' fails on a (2, 8, 2) batch with hidden_size=64: "
                    "ValueError: output is not finite (NaN or inf) at initialisation"),
+    "raises_in_init": ("init_cell.py", _cell("init_cell", "pass").replace(
+        "super().__init__()", "super().__init__()\n        raise RuntimeError('needs a GPU')"), "[init_cell, lstm]",
+        "variants[0]: variant 'init_cell' fails to build: RuntimeError: needs a GPU (hidden_size=64 from "
+        "model.hidden_size, num_layers=1, dropout=0.0)"),
+    "init_without_dropout": ("nodrop_cell.py", _cell("nodrop_cell", "pass").replace(", dropout=0.0):", "):"),
+                             "[nodrop_cell, lstm]", "variants[0]: Cell.__init__() got an unexpected keyword "
+                             "argument 'dropout' (hidden_size=64 from model.hidden_size"),
     "task_raises": ("bad_task.py", (EXAMPLES / "delayed_xor.py").read_text().replace('"delayed_xor"', '"bad_task"')
                     .replace("        k = self.lag\n", "        raise RuntimeError('sample broke')\n", 1), "[lstm]",
                     "tasks[0]: task 'bad_task' (seq_len=8, lag=2, p_one=0.5) fails on a two-sequence batch: "
@@ -157,6 +165,24 @@ def test_user_code_errors_are_one_line_at_load(tmp_path, registries, case):
     assert "\n" not in message and message.startswith(f"{path}: {BROKEN[case][3]}"), message
     if case == "typo_in_variant":
         assert "typo_cell" in message  # the imported names are among those listed
+
+
+def test_a_cell_whose_constructor_reads_a_value_loads_and_sizes_by_parameters(tmp_path, registries):
+    """The load check builds cells for their shapes on the meta device, whose tensors hold no values: a
+    constructor that reads one (here, scaling W_hh to a spectral radius) is built on the CPU instead."""
+    forward = "out = torch.tanh(self.w(x))\n        return out, out[:, -1].unsqueeze(0)"
+    source = _cell("spectral_cell", forward).replace("super().__init__()\n", (
+        "super().__init__()\n        w = torch.randn(hidden_size, hidden_size)\n"
+        "        self.w_hh = nn.Parameter(w * (0.9 / torch.linalg.eigvals(w).abs().max().item()))\n"))
+    (tmp_path / "spectral_cell.py").write_text(source)
+    path = tmp_path / "s.yaml"
+    path.write_text("name: t\nimports: [spectral_cell.py]\ntasks: [{task: adding, seq_len: 8}]\n"
+                    "variants: [spectral_cell]\nmodel: {match: params, param_budget: 400}\n")
+    specs.load(path)  # builds it at every size the bisection tries
+    def count(h):  # on the CPU: the cell and the adding task's one-output head
+        return count_parameters(build_variant("spectral_cell", 2, h)) + h + 1
+    hidden = hidden_for_param_budget("spectral_cell", 2, 400, output_size=1)
+    assert hidden == min(range(1, 40), key=lambda h: (abs(count(h) - 400), h)) == 18
 
 
 def test_cli_refuses_broken_user_code_and_writes_nothing(tmp_path):

@@ -109,6 +109,18 @@ def build_variant(name: str, input_size: int, hidden_size: int, num_layers: int 
     return get_variant(name).build(input_size, hidden_size, num_layers, dropout, **switches)
 
 
+def shapes_only(build: Callable[[], Any]) -> Any:
+    """``build()`` for its shapes only: on the meta device (no memory, no init cost), or on the CPU where the
+    constructor reads a value, which meta tensors lack (a cell of yours that scales its weights by
+    ``.item()``). A constructor's ValueError or TypeError (a size or switch it refuses) is raised as it is."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except (RuntimeError, NotImplementedError):
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
+            return build()
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
@@ -118,7 +130,7 @@ def hidden_for_param_budget(name: str, input_size: int, budget: int, num_layers:
     """The hidden size whose parameter count is closest to ``budget`` (ties: the smaller one).
 
     Counted: the variant plus a linear head hidden -> ``output_size`` with bias (0: no head). Models are
-    built on the meta device (no memory, no init cost) and the size is found by bisection, since the count
+    built for their shapes only (:func:`shapes_only`) and the size is found by bisection, since the count
     grows with the hidden size. Sizes a variant rejects (clockwork: not a multiple of ``modules``) are
     skipped: the search runs over multiples of the smallest size that builds.
 
@@ -128,8 +140,7 @@ def hidden_for_param_budget(name: str, input_size: int, budget: int, num_layers:
     check_switches(name, switches)
 
     def count(hidden: int) -> int:
-        with torch.device("meta"):
-            model = build_variant(name, input_size, hidden, num_layers, **switches)
+        model = shapes_only(lambda: build_variant(name, input_size, hidden, num_layers, **switches))
         return count_parameters(model) + (hidden + 1) * output_size if output_size else count_parameters(model)
 
     step = next((h for h in range(1, 1025) if _refusal(name, input_size, h, num_layers, switches) is None), None)
@@ -153,8 +164,7 @@ def hidden_for_param_budget(name: str, input_size: int, budget: int, num_layers:
 def _refusal(name, input_size, hidden, num_layers, switches) -> ValueError | None:
     """What the variant says when it refuses to build at this size, or None if it builds."""
     try:
-        with torch.device("meta"):
-            build_variant(name, input_size, hidden, num_layers, **switches)
+        shapes_only(lambda: build_variant(name, input_size, hidden, num_layers, **switches))
     except ValueError as e:
         return e
     return None

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from variants import build_variant, get_variant
+from variants import build_variant, get_variant, shapes_only
 
 __all__ = ["CheckResult", "assert_contract", "check"]
 
@@ -115,9 +115,8 @@ def _hidden(name, switches, at_least):
     """The smallest hidden size >= at_least the variant builds with (clockwork: a multiple of its modules)."""
     for hidden in range(at_least, at_least + 64):
         try:
-            with torch.device("meta"):
-                build_variant(name, INPUT, hidden, LAYERS, **switches)
-        except Exception:  # noqa: BLE001 - a size it refuses (ValueError), or an __init__ the meta device cannot run
+            shapes_only(lambda: build_variant(name, INPUT, hidden, LAYERS, **switches))
+        except Exception:  # noqa: BLE001 - a size it refuses (ValueError), or an __init__ that fails at this size
             continue
         return hidden
     return at_least  # let the constructor check report why it does not build
