@@ -249,8 +249,8 @@ class Painter:
             stats = self.cells[(self.cells.task == task) & (self.cells.ladder_value == value)].set_index("variant")
             labels = []
             for x, v in enumerate(self.order):
-                n = int(stats.loc[v, "n"]) if v in stats.index else 0
-                labels.append(f"{v} (n = {n})")
+                n, failed = (int(stats.loc[v, k]) if v in stats.index else 0 for k in ("n", "failed"))
+                labels.append(f"{v} (n = {n}" + (f" + {failed} failed" if failed else "") + ")")
                 if n:
                     s = stats.loc[v]
                     bar = [[s["mean"] - s.ci_low], [s.ci_high - s["mean"]]] if n > 1 else None
@@ -264,7 +264,8 @@ class Painter:
         n = data.groupby(["ladder_value", "variant"]).size()
         return Figure(f"objective_{task}", f"{task}: objective per variant", (
             f"{task}: the final held-out {self.metric} of the {self.runs_word()} (coloured dots, one per run; "
-            f"n = {span(n)} per variant and {ladder}, written under each variant) and their mean with its 95% "
+            f"n = {span(n)} per variant and {ladder}, written under each variant with the runs that ended without "
+            f"a finite {self.metric}, '+ k failed', which no dot or mean can show) and their mean with its 95% "
             f"Student-t interval (black diamond and bar; no bar where n = 1), per variant; one panel per {ladder}"
             + ("; log y (an interval whose lower end is at or below 0 runs off the bottom)"
                if axes[0].get_yscale() == "log" else "") + ". " + self.reference_words(drawn)))

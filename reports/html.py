@@ -36,15 +36,17 @@ def _table(df: pd.DataFrame, row_class=None) -> str:
     return f"<div class='wide'><table><tr>{head}</tr>{''.join(body)}</table></div>"
 
 
-def interval(mean, low, high, n) -> str:
-    """'0.12 [0.1, 0.14], n = 3': a mean, its 95% t interval and n, always together."""
+def interval(mean, low, high, n, failed=0) -> str:
+    """'0.12 [0.1, 0.14], n = 3': a mean, its 95% t interval and n, always together; and the runs left out
+    for want of a finite objective, '..., n = 4 (+ 2 failed)'."""
     if n != n:
         return ""
+    lost = f" (+ {int(failed)} failed)" if failed == failed and failed else ""
     if not n:
-        return "n = 0"
+        return f"n = 0{lost}"
     if n == 1:
-        return f"{_num(mean)} (n = 1, no interval)"
-    return f"{_num(mean)} [{_num(low)}, {_num(high)}], n = {int(n)}"
+        return f"{_num(mean)} (n = 1, no interval){lost}"
+    return f"{_num(mean)} [{_num(low)}, {_num(high)}], n = {int(n)}{lost}"
 
 
 def _solved(k, runs) -> str:
@@ -70,7 +72,7 @@ def glance_view(summ: pd.DataFrame, metric: str, direction: str) -> pd.DataFrame
         "variant": ranked.variant,
         "solved": [_solved(k, r) for k, r in zip(ranked.solved, ranked.runs)],
         f"mean {metric} [95% t interval], n": [interval(*r) for r in zip(ranked["mean"], ranked.ci_low,
-                                                                        ranked.ci_high, ranked.n)]})
+                                                                        ranked.ci_high, ranked.n, ranked.failed)]})
 
 
 def summary_view(summ: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -87,7 +89,7 @@ def summary_view(summ: pd.DataFrame, metric: str) -> pd.DataFrame:
     if "superseded" in summ and summ.superseded.any():
         view["superseded replicates"] = summ.superseded
     view[f"mean {metric} [95% t interval], n"] = [interval(*r) for r in zip(summ["mean"], summ.ci_low,
-                                                                           summ.ci_high, summ.n)]
+                                                                           summ.ci_high, summ.n, summ.failed)]
     view["solved"] = [_solved(k, r) for k, r in zip(summ.solved, summ.runs)]
     for col, name in (("baseline", "baseline"), ("solved_threshold", "solved threshold"),
                       ("n_params", "parameters"), ("seconds_per_step", "s/step")):
@@ -137,7 +139,7 @@ def _without_best(summ: pd.DataFrame) -> list[tuple[str, str]]:
 def stats_view(vs: pd.DataFrame) -> pd.DataFrame:
     size = {"capacity_value": "capacity"} if "capacity_value" in vs else {}
     cols = {"task": "task", "ladder_value": "ladder_value", **size, "variant": "variant", "n": "n", "n_ref": "n ref",
-            "mean": "mean", "mean_ref": "mean ref", "diff": "diff", "better": "means", "t": "Welch t", "df": "df",
+            "failed": "failed", "failed_ref": "failed ref", "mean": "mean", "mean_ref": "mean ref", "diff": "diff", "better": "means", "t": "Welch t", "df": "df",
             "p_welch": "p Welch", "p_welch_holm": "p Welch (Holm)", "hedges_g": "Hedges g",
             "success_rate": "success", "success_rate_ref": "success ref"}
     view = vs[list(cols)].rename(columns=cols)
@@ -159,7 +161,9 @@ def page(study: str, study_file: str, summ: pd.DataFrame, vs: pd.DataFrame, refe
     else:
         parts += [f"<p>Per task and setting, every variant best first by mean final {e(metric)} ({e(direction)}); "
                   "solved: runs that met the task's solved criterion, of all runs; the mean's 95% Student-t "
-                  "interval and n, the runs it is computed from.</p>", _table(glance_view(summ, metric, direction))]
+                  "interval and n, the runs it is computed from; '+ k failed': runs without a finite objective "
+                  "(diverged or crashed), which the mean cannot include: a variant that lost runs is ranked on the "
+                  "ones that survived.</p>", _table(glance_view(summ, metric, direction))]
         if unit == "search":
             parts.append("<p><b>This study has no replicate runs: each cell's runs are its complete search trials, "
                          "so the means, intervals and tests below span the searched configurations, not seeds."
@@ -200,7 +204,9 @@ def page(study: str, study_file: str, summ: pd.DataFrame, vs: pd.DataFrame, refe
               "every comparison of the study (the only test). diff = mean(variant) − "
               f"mean({e(reference)}); 'better'/'worse' compare the means in the objective's direction ('tie': "
               "equal), tested or not: with fewer than 2 runs on a side, or no variance at all, there is no test "
-              "(p blank); 'not compared': a side has no run with a finite objective.</p>"]
+              "(p blank); 'not compared': a side has no run with a finite objective. n: the runs with a finite objective; "
+              "failed: the runs without one, which the means and tests leave out (read a 'better' with its "
+              "failed count).</p>"]
     if len(vs) and not (vs.n_ref > 0).any():
         with_runs = list(dict.fromkeys(summ.variant[summ.n > 0])) if "n" in summ else []
         parts.append(f"<p><b>The reference variant {e(reference)} has no run with a finite objective, so nothing "

@@ -194,13 +194,15 @@ def compare(a, b) -> dict[str, float]:
 
 def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
     """Per cell of :func:`selected_runs`: n (runs with a finite objective), mean objective and its
-    Student-t interval (:func:`mean_interval`), runs solved out of all runs, success rate."""
+    Student-t interval (:func:`mean_interval`), runs solved out of all runs, failed (runs without a finite
+    objective: diverged or crashed, left out of n), success rate."""
     rows, cell = [], cell_columns(runs)
     for key, g in runs.groupby(cell, sort=False):
         mean, low, high, n = mean_interval(g.value.dropna())
-        rows.append(dict(zip(cell, key), n=n, mean=mean, ci_low=low, ci_high=high,
-                         solved=int(g.success.sum()), runs=len(g), success_rate=g.success.mean()))
-    return pd.DataFrame(rows, columns=cell + ["n", "mean", "ci_low", "ci_high", "solved", "runs", "success_rate"])
+        rows.append(dict(zip(cell, key), n=n, mean=mean, ci_low=low, ci_high=high, solved=int(g.success.sum()),
+                         runs=len(g), failed=len(g) - n, success_rate=g.success.mean()))
+    return pd.DataFrame(rows, columns=cell + ["n", "mean", "ci_low", "ci_high", "solved", "runs", "failed",
+                                              "success_rate"])
 
 
 def summary(tables: Tables) -> pd.DataFrame:
@@ -223,7 +225,8 @@ def summary(tables: Tables) -> pd.DataFrame:
         out["superseded"] = results[results.superseded.astype(bool)].groupby(cell).size()
         out["superseded"] = out.superseded.fillna(0).astype(int)
     out = out.join(cell_stats(selected_runs(results, tables.unit)).set_index(cell), how="outer")
-    out[["n", "solved", "runs"]] = out[["n", "solved", "runs"]].fillna(0).astype(int)  # a cell with no runs: 0
+    counts = ["n", "solved", "runs", "failed"]
+    out[counts] = out[counts].fillna(0).astype(int)  # a cell with no runs: 0
     firsts = results.groupby(cell, sort=False)
     for col, name in (("ladder", "ladder"), ("capacity", "capacity"), ("metric.baseline", "baseline"),
                       ("solved_threshold", "solved_threshold"), ("solved_rule", "solved_rule")):
@@ -245,8 +248,10 @@ def summary(tables: Tables) -> pd.DataFrame:
 
 def versus_reference(tables: Tables, reference: str) -> pd.DataFrame:
     """Every variant against ``reference`` in each (task, ladder value), and capacity with a ladder of it:
-    Welch's t-test, Holm-corrected over all rows (the primary test, :func:`policy`), and Hedges' g. A variant
-    the logs hold with no run to aggregate (its search trials all failed) has its row, with n = 0."""
+    Welch's t-test, Holm-corrected over all rows (the primary test, :func:`policy`), and Hedges' g, over the
+    runs with a finite objective (n); ``failed``: the runs without one on each side, which the means and tests
+    cannot see. A variant the logs hold with no run to aggregate (its search trials all failed) has its row,
+    with n = 0."""
     results = with_capacity(tables.results)
     runs = selected_runs(results, tables.unit)
     group = cell_columns(results)[:-1]  # a cell's columns but the variant
@@ -259,8 +264,9 @@ def versus_reference(tables: Tables, reference: str) -> pd.DataFrame:
             v = chosen.get((*key, variant), none)
             rows.append({**dict(zip(group, key)), "variant": variant, "reference": reference,
                          **compare(v.value.dropna(), ref.value.dropna()),
+                         "failed": int(v.value.isna().sum()), "failed_ref": int(ref.value.isna().sum()),
                          "success_rate": v.success.mean(), "success_rate_ref": ref.success.mean()})
-    cols = group + ["variant", "reference", "n", "n_ref", "mean", "mean_ref", "diff", "t", "df",
+    cols = group + ["variant", "reference", "n", "n_ref", "failed", "failed_ref", "mean", "mean_ref", "diff", "t", "df",
                     "p_welch", "p_welch_holm", "significant", "better", "hedges_g", "success_rate", "success_rate_ref"]
     out = pd.DataFrame(rows)
     if out.empty:

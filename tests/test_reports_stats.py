@@ -146,12 +146,31 @@ def test_selected_runs_and_success_rate():
     assert set(runs.kind) == {"replicate"} and "x-int" not in set(runs.run_id)
     cells = stats.cell_stats(runs).set_index(["task", "ladder_value", "variant"])
     row = cells.loc[("copy_memory", 20, "twin")]
-    assert row.runs == 9 and row.n == 8  # the failed run counts in the rate, not in the mean
+    assert row.runs == 9 and row.n == 8 and row.failed == 1  # the failed run counts in the rate, not in the mean
     assert row.solved == 1 and row.success_rate == pytest.approx(1 / 9)  # only 0.10 < 0.12; failed: not solved
     assert cells.loc[("adding", 10, "bad")].success_rate == 0
     no_rep = synthetic(replicates=False)
     assert set(stats.selected_runs(no_rep.results).kind) == {"search"}
     assert "search trials" in stats.policy("search", "loss", "minimize")["runs per cell"]
+
+
+def test_failed_runs_are_counted_wherever_n_is(tmp_path):
+    """A variant whose runs diverge on some seeds is ranked on the rest: every place that gives n (summary,
+    at a glance, statistics, the objective figure) says how many runs it left out."""
+    t = synthetic(n=3, tasks=("adding",))
+    res = t.results
+    lost = (res.variant == "bad") & (res.kind == "replicate") & (res.ladder_value == 10) & (res.trial < 2)
+    res.loc[lost, ["state", "objective"]] = ["FAIL", np.nan]
+    summ = stats.summary(t).set_index(["variant", "ladder_value"])
+    assert summ.loc[("bad", 10), ["n", "runs", "failed"]].tolist() == [1, 3, 2]
+    assert summ.loc[("bad", 20), "failed"] == 0 and summ.loc[("twin", 20), "failed"] == 1  # synthetic's x-fail
+    vs = stats.versus_reference(t, "lstm").set_index(["variant", "ladder_value"])
+    assert vs.loc[("bad", 10), ["n", "failed", "n_ref", "failed_ref"]].tolist() == [1, 2, 3, 0]
+    page = build_report(t, tmp_path).read_text()
+    assert page.count("(n = 1, no interval) (+ 2 failed)") == 2  # at a glance and in the summary
+    assert page.count("], n = 3 (+ 1 failed)") == 2 and page.count("(+ ") == 4
+    assert "read a 'better' with its failed count" in page
+    assert pd.read_csv(tmp_path / "statistics.csv").failed.sum() == 3
 
 
 def test_summary_has_one_row_per_cell():
