@@ -144,9 +144,9 @@ def estimate(spec: Spec, root: Path, workers: int = 1, cores: int | None = None,
             one = cache[key]
             steps.append(one["step"])
             pop = PopulationSpec(cell.variant.variant, switches, hidden, int(hp["num_layers"]), float(hp["dropout"]))
-            groups = (min(population_size(spec.train.population, "search", searched, lambda: pop, "cpu"),
+            groups = (min(population_size(spec.train.pooled, "search", searched, lambda: pop, "cpu"),
                           spec.generation, spec.trials),
-                      min(population_size(spec.train.population, "replicate", searched, lambda: pop, "cpu"),
+                      min(population_size(spec.train.pooled, "replicate", searched, lambda: pop, "cpu"),
                           max(spec.replicates, 1)))
             per_run = []
             for group, probes in zip(groups, (0, 2)):

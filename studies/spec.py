@@ -260,7 +260,17 @@ class Train(Strict):
     def _check(self):
         if self.steps is None and self.seconds is None:
             raise ValueError("give a budget: steps, seconds, or both")
+        if self.seconds is not None and isinstance(self.population, int) and self.population > 1:
+            raise ValueError(f"population {self.population} with a seconds budget: a population's members share one "
+                             "clock, so each would train for a fraction of train.seconds; set population to off or "
+                             "auto (both train one by one under a seconds budget), or give a steps budget only")
         return self
+
+    @property
+    def pooled(self) -> Literal["off", "auto"] | int:
+        """``population`` as the engine applies it: off under a seconds budget, where members trained together
+        would split one run's wall-clock time."""
+        return "off" if self.seconds is not None else self.population
 
 
 # Train fields added after studies were run: they enter a cell's fingerprint only when not at their

@@ -285,7 +285,7 @@ class Worker:
             return PopulationSpec(job.cell.variant.variant, job.cell.switches(hp),
                                   job.cell.hidden_size(job.cell.build_task(), hp), int(hp["num_layers"]),
                                   float(hp["dropout"]))
-        return population_size(self.spec.train.population, job.kind, {name for name, _ in job.cell.search_space},
+        return population_size(self.spec.train.pooled, job.kind, {name for name, _ in job.cell.search_space},
                                member, self.device)
 
     def train_jobs(self, jobs: list[Job], population: bool = False) -> list:

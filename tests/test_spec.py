@@ -44,6 +44,7 @@ def test_minimal_spec_loads_with_defaults(tmp_path):
     (BASE + "train: {steps: many}\n", "train.steps", "integer"),
     (BASE + "train: {steps: 3, population: 0}\n", "train.population", "expected off, auto or the most members"),
     (BASE + "train: {steps: 3, population: 4x}\n", "train.population", "got '4x'"),
+    (BASE + "train: {seconds: 2, population: 4}\n", "train", "a population's members share one clock"),
     (BASE + "sampler: bayes\n", "sampler", "'tpe', 'random', 'grid' or 'qmc'"),
     (BASE + "search_space: {lr: {type: float, low: 1, high: 0.1}}\n", "search_space.lr", "above high"),
     (BASE + "search_space: {lr: {type: float, low: 0, high: 0.1, log: true}}\n", "search_space.lr", "low > 0"),
@@ -82,7 +83,10 @@ def test_bad_spec_names_the_field(tmp_path, text, field, words):
                                              ("4", 4), ("1", 1)])
 def test_population_setting(tmp_path, value, expected):
     spec, _, _ = specs.load(write(tmp_path, BASE + f"train: {{steps: 3, population: {value}}}\n"))
-    assert spec.train.population == expected
+    assert spec.train.population == spec.train.pooled == expected
+    if expected in ("off", "auto", 1):  # under a seconds budget each run keeps its own clock: one by one
+        spec, _, _ = specs.load(write(tmp_path, BASE + f"train: {{seconds: 2, population: {value}}}\n"))
+        assert spec.train.population == expected and spec.train.pooled == "off"
 
 
 def test_the_readmes_annotated_study_file_loads(tmp_path):
