@@ -65,7 +65,7 @@ def user_errors(fn):
 
     Only the project's own error types, plain ``LookupError``, which reports/ raises for a study or saved
     report that is not there, an ``OSError`` saying a folder cannot be written (read-only, permission,
-    disk full), and MLflow's client giving up on a tracking server that does not answer. Anything else is
+    disk full, a file where a folder of its path should be), and MLflow's client giving up on a tracking server that does not answer. Anything else is
     a bug: :class:`Cli` shows its traceback.
     """
     import functools
@@ -78,7 +78,7 @@ def user_errors(fn):
             raise
         except OSError as e:
             import errno
-            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.ENOTDIR):
                 raise
             raise UserError(f"{e.filename or 'a file'}: {e.strerror} (a store, report or cache folder must be "
                             "writable: check --root, --out)") from None

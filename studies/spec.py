@@ -621,7 +621,9 @@ def _own_hint(message: str, data: dict) -> str:
 
 
 def _override_keys(override: str) -> tuple[list[str | int], Any]:
-    """``tasks[0].seq_len=[10, 20]`` -> (["tasks", 0, "seq_len"], [10, 20])."""
+    """``tasks[0].seq_len=[10, 20]`` -> (["tasks", 0, "seq_len"], [10, 20]). A search space's ``switches.NAME``
+    is one key: ``search_space.switches.forget_bias.high=3`` -> (["search_space", "switches.forget_bias",
+    "high"], 3)."""
     key, eq, value = override.partition("=")
     if not eq or not key.strip():
         raise SpecError(f"--set {override}: expected KEY=VALUE, e.g. --set train.steps=200")
@@ -630,7 +632,10 @@ def _override_keys(override: str) -> tuple[list[str | int], Any]:
         m = re.fullmatch(r"([A-Za-z_][\w-]*)((?:\[\d+\])*)", part)
         if not m:
             raise SpecError(f"--set {override}: {key!r} is not a field path (e.g. train.steps, tasks[0].seq_len)")
-        keys.append(m.group(1))
+        if len(keys) >= 2 and keys[-2] == "search_space" and keys[-1] == SWITCH.rstrip("."):
+            keys[-1] += "." + m.group(1)
+        else:
+            keys.append(m.group(1))
         keys += [int(i) for i in re.findall(r"\[(\d+)\]", m.group(2))]
     try:
         parsed = read_yaml(value) if value.strip() else None

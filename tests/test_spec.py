@@ -317,7 +317,8 @@ def test_cli_internal_errors_show_the_traceback(monkeypatch, exc, code):
         assert lines == [f"error: {exc.args[0]}"]
 
 
-@pytest.mark.parametrize("code, exit_code", [(30, 2), (13, 2), (28, 2), (2, 1)])  # EROFS EACCES ENOSPC; ENOENT: a bug
+@pytest.mark.parametrize("code, exit_code", [(30, 2), (13, 2), (28, 2), (20, 2), (2, 1)])  # EROFS EACCES ENOSPC
+# ENOTDIR; ENOENT: a bug
 def test_a_store_that_cannot_be_written_is_one_line(monkeypatch, code, exit_code):
     import os
 
@@ -333,6 +334,15 @@ def test_a_store_that_cannot_be_written_is_one_line(monkeypatch, code, exit_code
     if exit_code == 2:
         assert result.stderr.splitlines() == [f"error: /x/run.lock: {os.strerror(code)} (a store, report or cache "
                                               "folder must be writable: check --root, --out)"]
+
+
+def test_a_root_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("")
+    root = tmp_path / "notes.txt" / "runs"
+    for command in (["run", "quickstart"], ["plan", "quickstart"]):
+        proc = rnnbench(*command, "--root", root, check=False)
+        assert proc.returncode == 2 and proc.stderr == (f"error: {root}: Not a directory (a store, report or cache "
+                                                        "folder must be writable: check --root, --out)\n"), proc.stderr
 
 
 def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch):
@@ -466,6 +476,17 @@ def test_overrides_apply_before_validation(tmp_path):
     assert reloaded.model_dump() == spec.model_dump()
     assert specs.cell_fingerprint(spec, specs.cells(spec)[0]) != specs.cell_fingerprint(plain, specs.cells(plain)[0])
     assert specs.load(path, ["trials=8"])[0].trials == 8  # the default, said out loud
+
+
+def test_an_override_reaches_a_searched_switch(tmp_path):
+    """A search space's `switches.NAME` holds a dot of its own: `--set` takes it as one key."""
+    path = write(tmp_path, BASE.replace("[rnn]", "[peephole]") + "search_space:\n"
+                 "  switches.forget_bias: {type: float, low: 0.0, high: 2.0}\n")
+    spec = specs.load(path, ["search_space.switches.forget_bias.high=3"])[0]
+    assert spec.search_space["switches.forget_bias"].high == 3 and spec.search_space["switches.forget_bias"].low == 0
+    spec = specs.load(path, ["variants[0]={variant: peephole, search_space: {switches.forget_bias: "
+                             "{type: float, low: 1, high: 2}}}", "variants[0].search_space.switches.forget_bias.low=0.5"])[0]
+    assert spec.variants[0].search_space["switches.forget_bias"].low == 0.5
 
 
 @pytest.mark.parametrize("override, message", [
