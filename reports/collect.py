@@ -226,6 +226,19 @@ def grads_table(client: MlflowClient, runs) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run_id", "phase", "lag", "norm"])
 
 
+CONDITIONAL = {"dropout": ("num_layers", "num_layers of 2 or more"), "momentum": ("optimizer", "sgd"),
+               "nesterov": ("optimizer", "sgd")}  # searched hyperparameters that act only where another allows
+
+
+def _conditional(param: str, searched: list[str]) -> str:
+    """A note for a hyperparameter that did nothing in some trials (as sampled: Optuna's importance sees the
+    value drawn, the run logged the one it trained with)."""
+    if param in CONDITIONAL and CONDITIONAL[param][0] in searched:
+        return (f"{param} acts only with {CONDITIONAL[param][1]}: its importance also counts the trials where "
+                f"it did nothing")
+    return ""
+
+
 def importance_table(storage, results: pd.DataFrame) -> pd.DataFrame:
     """Per cell and searched hyperparameter: its importance over the cell's COMPLETE search trials.
 
@@ -266,8 +279,9 @@ def importance_table(storage, results: pd.DataFrame) -> pd.DataFrame:
             note = "; ".join(filter(None, [note, f"only {len(done)} trials: indicative"]))
         for p in params:
             value = raw.get(p, 0.0)
+            said = "; ".join(filter(None, [note, _conditional(p, params)]))
             rows.append({**base, "param": p, "importance": value / total if total > 0 else float("nan"),
-                         "raw": value, "method": "PED-ANOVA", "note": note})
+                         "raw": value, "method": "PED-ANOVA", "note": said})
     out = pd.DataFrame(rows, columns=cols)
     out["n_trials"] = pd.to_numeric(out.n_trials).astype("Int64")
     for col in ("importance", "raw"):

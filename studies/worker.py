@@ -106,6 +106,8 @@ def hyperparameters(spec: Spec, cell: Cell, trial: optuna.Trial) -> dict:
     hp.update(suggest(trial, cell))
     if hp["optimizer"] != "sgd":  # momentum and Nesterov are SGD's: the run records what it trained with, none
         hp.update(momentum=0.0, nesterov=False)
+    if int(hp["num_layers"]) == 1:  # dropout acts between stacked layers: one layer trains with none
+        hp["dropout"] = 0.0
     return hp
 
 

@@ -383,6 +383,23 @@ def test_a_trial_without_sgd_records_no_momentum(tmp_path):
                     "rmsprop": {"momentum": 0.0, "nesterov": False}}
 
 
+def test_a_trial_with_one_layer_records_no_dropout(tmp_path):
+    """Searched depth and dropout: dropout acts between stacked layers, so a one-layer trial logs the 0 it
+    trained with, and the importance table says that dropout's importance counts such trials too."""
+    import optuna
+
+    from reports.collect import _conditional
+    from studies.worker import hyperparameters
+    spec, _, _ = specs.load(write(tmp_path, BASE + "search_space:\n  num_layers: {type: int, low: 1, high: 2}\n"
+                                  "  dropout: {type: float, low: 0.1, high: 0.3}\n"))
+    cell = specs.cells(spec)[0]
+    used = [hyperparameters(spec, cell, optuna.trial.FixedTrial({"num_layers": n, "dropout": 0.2}))["dropout"]
+            for n in (1, 2)]
+    assert used == [0.0, 0.2]
+    assert "dropout acts only with num_layers of 2 or more" in _conditional("dropout", ["dropout", "num_layers"])
+    assert _conditional("dropout", ["dropout", "lr"]) == _conditional("num_layers", ["dropout", "num_layers"]) == ""
+
+
 @pytest.mark.parametrize("text, field, words", [
     (BASE + "train: {optimizer: adamw}\n", "train.optimizer", "'adam', 'sgd' or 'rmsprop'"),
     (BASE + "train: {nesterov: true, momentum: 0.9}\n", "train.nesterov", "for optimizer sgd; optimizer is adam"),
