@@ -371,7 +371,7 @@ def status(spec, root, storage, overrides):
     """Trials finished/pruned/failed/running per cell, best objective, replication progress. SPEC: a study
     file or a shipped study's name, with the --set the study was run with."""
     from studies import spec as specs
-    from studies.queue import check_fingerprints, optuna_name, prepared_as_defined, progress
+    from studies.queue import ImportsChanged, check_fingerprints, optuna_name, prepared_as_defined, progress
     from studies.progress import status_table
 
     # Without torch where it can (its import is most of this command's time): the study file is checked in
@@ -399,7 +399,12 @@ def status(spec, root, storage, overrides):
     if not parsed.deep and not prepared_as_defined(parsed, optuna_storage):
         parsed, _, _ = specs.load(spec, overrides)
     if parsed.deep:  # reloaded, or a study file with imports (always loaded deeply): its cells as prepared?
-        check_fingerprints(parsed, optuna_storage, "give `status` the study file and --set the study was run with")
+        try:
+            check_fingerprints(parsed, optuna_storage, "give `status` the study file and --set the study was run with",
+                               "the table counts the trials run with the earlier version (`rnnbench run` refuses to "
+                               "add to them)")
+        except ImportsChanged as e:  # the cells are the file's; only code they import moved: say so, and show them
+            click.echo(f"note: {e}", err=True)
     status_table(parsed, progress(parsed, optuna_storage))
     stored = {n for n in names if n.startswith(f"{parsed.name}/")}
     named = {optuna_name(parsed, cell, "search") for cell in specs.cells(parsed)}

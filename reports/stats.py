@@ -221,8 +221,9 @@ def summary(tables: Tables) -> pd.DataFrame:
     out["best_trial"], out["best_search"] = best.trial.astype("Int64"), best.objective
     if "param.lr" in best:
         out["best_lr"] = best["param.lr"]
-    if "superseded" in results:
-        out["superseded"] = results[results.superseded.astype(bool)].groupby(cell).size()
+    if "superseded" in results:  # ended runs of an earlier best, as `rnnbench status` counts them (not interrupted)
+        old = results.superseded.astype(bool) & (results.state != "INTERRUPTED")
+        out["superseded"] = results[old].groupby(cell).size()
         out["superseded"] = out.superseded.fillna(0).astype(int)
     out = out.join(cell_stats(selected_runs(results, tables.unit)).set_index(cell), how="outer")
     counts = ["n", "solved", "runs", "failed"]

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from studies.queue import ENDED, STOP_AFTER, CellProgress, holds, interrupted, slot, source
+from studies.queue import ENDED, STOP_AFTER, CellProgress, counted, interrupted, slot, source
 from studies.spec import Spec
 
 ERROR_WIDTH = 300  # characters of an error message shown; MLflow's error.txt has the traceback
@@ -97,7 +97,7 @@ class Display:
         self.reported = (self.reported or set()) | {(r.cell.key, kind, t.number) for r, kind, t in new}
         if first:  # a resumed study: what ended before this run is in `rnnbench status`, not repeated here
             gone = [(r, kind, t) for r, kind, t in new if "interrupted" in t.user_attrs]
-            again = sum(not any(holds(o) and slot(o) == slot(t) and source(o) == source(t)
+            again = sum(not any(counted(o) and slot(o) == slot(t) and source(o) == source(t)  # queued is not run
                                 for o in (r.search_trials if kind == "search" else r.replicate_trials))
                         for r, kind, t in gone)
             if new:

@@ -446,10 +446,16 @@ class StudyChanged(RuntimeError):
     """A study file defines a cell differently from the one its trials were run with."""
 
 
-def check_fingerprints(spec: Spec, storage, action: str = "give workers the launcher's study file") -> bool:
+class ImportsChanged(StudyChanged):
+    """A module the study file imports changed since the cells were prepared; the study file did not."""
+
+
+def check_fingerprints(spec: Spec, storage, action: str = "give workers the launcher's study file",
+                       imports_action: str | None = None) -> bool:
     """Raise :class:`StudyChanged` if any prepared cell was prepared from another definition (task
-    settings, search space, budget, model and switches, sampler, pruner, generation, objective, seed);
-    False while some cell is not prepared yet."""
+    settings, search space, budget, model and switches, sampler, pruner, generation, objective, seed), or
+    :class:`ImportsChanged` (saying ``imports_action``, default ``action``) if only an imported module
+    differs; False while some cell is not prepared yet."""
     prepared = True
     for cell in cells(spec):
         try:
@@ -461,10 +467,13 @@ def check_fingerprints(spec: Spec, storage, action: str = "give workers the laun
         if stored is not None and stored != cell_fingerprint(spec, cell):
             then, now = attrs.get("imports"), cell_imports(spec, cell)
             edited = sorted(k for k in {*(then or {}), *now} if (then or {}).get(k) != now.get(k))
-            why = (f"{', '.join(edited)} (imported by the study file) changed" if then is not None and edited else
-                   "the study file changed this cell's definition (task settings, search space, budget, model or "
-                   "switches, sampler, pruner, generation, objective or seed, or a module it imports)")
-            raise StudyChanged(f"study {spec.name!r}, cell {cell.key}: {why} since the study was prepared; {action}")
+            said = f"study {spec.name!r}, cell {cell.key}: "
+            if then is not None and edited:
+                raise ImportsChanged(f"{said}{', '.join(edited)} (imported by the study file) changed since the "
+                                     f"study was prepared; {imports_action or action}")
+            raise StudyChanged(f"{said}the study file changed this cell's definition (task settings, search space, "
+                               "budget, model or switches, sampler, pruner, generation, objective or seed, or a module "
+                               f"it imports) since the study was prepared; {action}")
     return prepared
 
 

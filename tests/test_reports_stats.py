@@ -227,9 +227,10 @@ def test_superseded_runs_are_counted_on_the_page_and_left_out_of_statistics(tmp_
     res.loc[rep, "source_trial"] = res[rep].cell.map(stats.best_search(res, "minimize").set_index("cell").trial)
     before = stats.versus_reference(t, "lstm")
     old = res[rep & (res.variant == "bad")].assign(source_trial=99, objective=9.0, run_id=lambda d: d.run_id + "-old")
-    t.results = pd.concat([res, old], ignore_index=True)
+    cut = old.iloc[:1].assign(state="INTERRUPTED", run_id="x-old-interrupted")  # an old best's run cut short
+    t.results = pd.concat([res, old, cut], ignore_index=True)
     t.results["superseded"] = stats.superseded(t.results, "minimize")
-    assert t.results.superseded.sum() == len(old) == 2 * 3
+    assert t.results.superseded.sum() == len(old) + 1 == 2 * 3 + 1  # marked, but not counted: as `status` does
     pd.testing.assert_frame_equal(stats.versus_reference(t, "lstm"), before)
     index = build_report(t, tmp_path)
     page = index.read_text()

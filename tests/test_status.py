@@ -241,7 +241,8 @@ def test_status_checks_in_full_what_the_store_does_not_hold(tmp_path):
 
 
 def test_a_resumed_display_counts_the_interrupted_slots_still_to_run(tmp_path, capsys, monkeypatch):
-    """Two trials interrupted before this run: one slot has been run again since, the other has not."""
+    """Two trials interrupted before this run: one slot has been run again since, the other has only been
+    queued again (as the launcher does before its first update): still to run."""
     spec, storage = topped_up_tiny_study(tmp_path)
     rows = queue.progress(spec, storage)
     study = queue.open_study(storage, queue.optuna_name(spec, rows[0].cell, "search"))
@@ -252,6 +253,7 @@ def test_a_resumed_display_counts_the_interrupted_slots_still_to_run(tmp_path, c
     again = queue.claim(study)
     assert queue.slot(again) == queue.slot(first)
     end(storage, again, 0, fail_slot=None)
+    queue.enqueue(study, queue.slot(second))
     monkeypatch.setattr("sys.stdout.isatty", lambda: False)
     with Display(spec, interval=3600) as display:
         display.update(queue.progress(spec, storage))

@@ -99,6 +99,26 @@ def test_a_study_whose_imported_cell_was_edited_is_refused_naming_the_file(tmp_p
                                    "study file) changed since the study was prepared"), str(e.value)
 
 
+def test_status_shows_a_study_whose_imported_cell_was_edited_with_a_note(tmp_path):
+    """`run` refuses to add trials of an edited cell to those of the old one; `status` only reads them, so it
+    says what changed and shows the table."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from studies import queue
+    (tmp_path / "my_cell_st.py").write_text((EXAMPLES / "mingru.py").read_text().replace('"mingru"', '"my_cell_st"'))
+    study = tmp_path / "s.yaml"
+    study.write_text("name: t\nimports: [my_cell_st.py]\ntasks: [{task: adding, seq_len: 8}]\n"
+                     "variants: [lstm, my_cell_st]\ntrials: 2\n")
+    (tmp_path / "runs").mkdir()
+    queue.prepare_studies(specs.load(study)[0], JournalStorage(JournalFileBackend(str(tmp_path / "runs" / "optuna.journal"))))
+    (tmp_path / "my_cell_st.py").write_text((tmp_path / "my_cell_st.py").read_text() + "\n# edited\n")
+    proc = rnnbench("status", study, "--root", tmp_path / "runs")
+    assert proc.stderr == ("note: study 't', cell adding(seq_len=8)/my_cell_st: my_cell_st.py (imported by the study "
+                           "file) changed since the study was prepared; the table counts the trials run with the "
+                           "earlier version (`rnnbench run` refuses to add to them)\n"), proc.stderr
+    assert "adding(seq_len=8)/my_cell_st" in proc.stdout and "0/14 trials ended" in proc.stdout, proc.stdout
+
+
 def _cell(name: str, forward: str) -> str:
     """A user's cell module registering ``name`` (one Linear layer) whose forward body is ``forward``."""
     return textwrap.dedent("""\
