@@ -180,15 +180,15 @@ def run(spec, root, workers, threads, storage, tracking_uri, stale_after, device
     store = _store(root, storage, tracking_uri)
     _device(device)  # before anything is written
     _probe(tracking_uri)
-    click.echo(f"study {parsed.name}: {len(specs.cells(parsed))} cells x {parsed.trials} trials "
-               f"(+{parsed.replicates} replicates each), {workers} worker(s), store "
-               + (" and ".join(u for u in (_shown(storage), tracking_uri) if u) + f" (logs in {store.root})"
-                  if storage or tracking_uri else str(store.root)))
+    header = (f"study {parsed.name}: {len(specs.cells(parsed))} cells x {parsed.trials} trials "
+              f"(+{parsed.replicates} replicates each), {workers} worker(s), store "
+              + (" and ".join(u for u in (_shown(storage), tracking_uri) if u) + f" (logs in {store.root})"
+                 if storage or tracking_uri else str(store.root)))
     try:
         with Display(parsed) as display:
             rows = run_study(parsed, path, sha, store, workers=workers, threads=threads, stale_after=stale_after,
                              on_progress=display.update, device=_device(device), retry_stopped=retry_stopped,
-                             on_note=display.note)
+                             on_note=display.note, on_start=lambda: display.note(header))
     except KeyboardInterrupt:
         click.echo("stopped: the trials in hand were closed as interrupted; run the same command to resume", err=True)
         sys.exit(130)

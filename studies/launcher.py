@@ -218,13 +218,14 @@ def ignore_signal(signum, frame):
 
 def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers: int = 1, threads: int = 1,
               stale_after: float = 900.0, on_progress=None, poll: float = 1.0, device: str = "auto",
-              retry_stopped: bool = False, on_note=None) -> list[queue.CellProgress]:
+              retry_stopped: bool = False, on_note=None, on_start=None) -> list[queue.CellProgress]:
     """Prepare the study, start ``workers`` worker processes, keep the queue topped up, wait for the end.
 
     ``on_progress(rows)`` is called every ``poll`` seconds. A cell whose first trials all fail alike is
     stopped (:func:`stop_failing`) and counts as done; ``retry_stopped`` clears that mark first. ``on_note(line)``
-    is told of cells of this study's name that ``spec`` does not name. Returns the final progress rows.
-    """
+    is told of cells of this study's name that ``spec`` does not name; ``on_start()`` is called once the study
+    holds the root and is prepared (a busy root or a changed study stops it before). Returns the final progress
+    rows."""
     lock_fd = store.lock()
     procs: list[subprocess.Popen] = []
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -236,6 +237,8 @@ def run_study(spec: Spec, spec_path: Path, spec_sha: str, store: Store, workers:
             store.repair_journal()
         storage, client = store.optuna_storage(), store.mlflow_client()
         exp_id, _, others = prepare(spec, spec.text, store, storage, client)
+        if on_start:
+            on_start()
         if others and on_note:
             on_note(f"note: study {spec.name} in this store also holds {len(others)} cell(s) this study file does not "
                     f"name ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): run by another study file "

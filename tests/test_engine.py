@@ -189,7 +189,7 @@ def test_changed_search_space_is_refused(tiny_study, tmp_path):
     text = tiny_study.spec.read_text().replace("high: 1.0e-2", "high: 2.0e-2")
     changed = write_spec(tmp_path, text, "tiny.yaml")
     proc = rnnbench("run", changed, "--root", tiny_study.root, check=False)
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and proc.stdout == ""  # one line: no header of a study that does not start
     assert "changed this cell's definition" in proc.stderr and "new 'name'" in proc.stderr
     client = MlflowClient(Store(tiny_study.root).tracking_uri)
     note = client.get_experiment_by_name("tiny").tags["mlflow.note.content"]
@@ -201,7 +201,7 @@ def test_busy_root_is_refused(tmp_path):
     fd = store.lock()
     try:
         proc = rnnbench("run", "quickstart", "--root", store.root, check=False)
-        assert proc.returncode == 2 and "another `rnnbench run`" in proc.stderr
+        assert proc.returncode == 2 and "another `rnnbench run`" in proc.stderr and proc.stdout == ""
     finally:
         os.close(fd)
 
