@@ -877,7 +877,7 @@ def _check_variants(spec: Spec, tasks: list[Task]) -> None:
     the variant refuses (clockwork: a multiple of ``modules``) stop the study at load, not in every trial.
     With ``match: params`` the width is the one trials derive for each task's input and output sizes."""
     from studies.training import rnn_input_size
-    from variants import build_variant, hidden_for_param_budget, shapes_only
+    from variants import build_variant, count_parameters, hidden_for_param_budget, shapes_only
     shapes = sorted({(rnn_input_size(t), t.output_size) for t in tasks})
     user = _user_variants(spec)
     for i, v in enumerate(spec.variants):
@@ -905,7 +905,10 @@ def _check_variants(spec: Spec, tasks: list[Task]) -> None:
                                             f"hidden_size {hidden}: space the ladder's values further apart")
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")  # e.g. torch's note on dropout with one layer: trials show it
-                        shapes_only(lambda: build_variant(v.variant, width, hidden, layers, dropout, **switches))
+                        rnn = shapes_only(lambda: build_variant(v.variant, width, hidden, layers, dropout, **switches))
+                    if spec.model.match == "params" and (n := count_parameters(rnn) + (hidden + 1) * outputs) > 2 * budget:
+                        raise SpecError(f"model.param_budget: {budget} is less than half the smallest {v.name!r} "
+                                        f"(hidden_size {hidden}: {n} parameters with its head); raise the budget")
             except SpecError:
                 raise
             except Exception as e:  # noqa: BLE001 - a refusal (ValueError, TypeError), or a user cell's own error

@@ -210,6 +210,9 @@ CLOCKWORK5 = BASE.replace("[rnn]", "[rnn, {variant: clockwork, switches: {module
     # a capacity ladder whose two values build one model: two cells training the same thing
     (BASE + "model: {match: params, param_budget: [300, 310]}\n", "model.param_budget",
      "300 and 310 both give variant 'rnn' hidden_size 15"),
+    # a budget the smallest model overshoots (rnn, adding: hidden 1 has 2 + 1 + 2 parameters and a head of 2)
+    (BASE + "model: {match: params, param_budget: 3}\n", "model.param_budget",
+     "3 is less than half the smallest 'rnn' (hidden_size 1: 7 parameters with its head)"),
     # dropout acts between stacked layers: with one layer it would change nothing the report could show
     (BASE + "model: {dropout: 0.5}\n", "model.dropout", "dropout 0.5 does nothing with num_layers 1"),
     (BASE + "search_space: {dropout: {type: float, low: 0.0, high: 0.5}}\n", "search_space.dropout",
