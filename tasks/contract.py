@@ -149,14 +149,16 @@ def _seeds(task: Task):
 
 
 def _others(value):
-    """Other values to try for a setting: the other bool, nearby numbers."""
+    """Other values to try for a setting: the other bool, nearby numbers (each once, none the value itself)."""
     if isinstance(value, bool):
         return [not value]
     if isinstance(value, int):
-        return [value + 1, value - 1, 2 * value, value // 2, value + 2]
-    if isinstance(value, float):
-        return [value * 1.5, value / 2, (value + 1) / 2, value + 1, value - 1]
-    return []
+        near = [value + 1, value - 1, 2 * value, value // 2, value + 2]
+    elif isinstance(value, float):
+        near = [value * 1.5, value / 2, (value + 1) / 2, value + 1, value - 1]
+    else:
+        return []
+    return [v for v in dict.fromkeys(near) if v != value]
 
 
 def _knobs(task: Task):

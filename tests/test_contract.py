@@ -100,6 +100,14 @@ class DropoutWithinALayer(Elman):
         return F.dropout(out, self.rnn.dropout, self.training), h
 
 
+class Overflows(Elman):
+    """Its output is inf where the input is large (a missing clamp before an exp, say)."""
+
+    def forward(self, x, state=None):
+        out, h = self.rnn(x, state)
+        return out * torch.exp(80 * x.abs().amax(-1, keepdim=True)), h
+
+
 class _Doubled(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -118,7 +126,7 @@ class WrongBackward(Elman):
 @pytest.mark.parametrize("cls,rule", [
     (TimeFirst, "batch-first"), (IgnoresState, "state"), (UnusedParameter, "gradients"),
     (SwallowsSwitches, "constructor"), (SwallowsSwitches, "unknown switch"), (RestartsItsClock, "chunked calls"),
-    (Unseeded, "seeded"), (DropoutWithinALayer, "dropout"), (WrongBackward, "gradcheck"),
+    (Unseeded, "seeded"), (DropoutWithinALayer, "dropout"), (WrongBackward, "gradcheck"), (Overflows, "finite"),
 ])
 def test_variant_contract_catches(registries, cls, rule):
     name = f"broken_{cls.__name__.lower()}"
@@ -327,7 +335,7 @@ def test_a_failed_import_is_one_line_naming_module_and_exception(registries, tmp
 
 def test_check_command_passes_the_examples():
     out = rnnbench("check", "variant", "mingru", "--imports", "examples/mingru.py", cwd=ROOT).stdout
-    assert "gradcheck" in out and "9/9 checks passed" in out
+    assert "gradcheck" in out and "10/10 checks passed" in out
     out = rnnbench("check", "task", "delayed_xor", "--imports", "examples.delayed_xor", "--set", "lag=3",
                    "--set", "p_one=0.3", cwd=ROOT).stdout
     assert "task delayed_xor lag=3 p_one=0.3" in out and "7/7 checks passed" in out
@@ -349,7 +357,7 @@ def test_check_command_fails_a_broken_cell_and_a_broken_import(tmp_path):
         """))
     proc = rnnbench("check", "variant", "ignores_state", "--imports", "my_cell.py", cwd=tmp_path, check=False)
     assert proc.returncode == 1, proc.stderr
-    assert "FAIL" in proc.stdout and "random initial state" in proc.stdout and "7/9 checks passed" in proc.stdout
+    assert "FAIL" in proc.stdout and "random initial state" in proc.stdout and "8/10 checks passed" in proc.stdout
     (tmp_path / "typo.py").write_text("import variants\nvariants.regster('x')\n")
     proc = rnnbench("check", "variant", "x", "--imports", "typo.py", cwd=tmp_path, check=False)
     assert proc.returncode == 2

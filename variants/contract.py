@@ -10,6 +10,8 @@ one :class:`CheckResult` per rule, in this order:
 * ``constructor``: ``__init__(input_size, hidden_size, num_layers=1, dropout=0.0, *, switch=default, ...)``
   and it builds with the given switches;
 * ``unknown switch``: a switch the variant lacks is refused, by the registry and by the class itself;
+* ``finite``: the output and state of a standard normal batch hold no NaN or inf (where they do, the
+  checks below that compare outputs fail too: this row says why);
 * ``batch-first``: output ``(B, T, H)``; permuting the batch permutes the results; a change at step k
   leaves the steps before k alone and reaches step k;
 * ``state``: ``h`` or a tuple starting with ``h``; every tensor ``(num_layers, B, ...)``, ``h`` is
@@ -141,6 +143,7 @@ def check(name: str, **switches: Any) -> list[CheckResult]:
         return run_checks([
             ("constructor", lambda: _constructor(name, build)),
             ("unknown switch", lambda: _unknown_switch(name, switches, type(m), H)),
+            ("finite", lambda: _finite(m, x)),
             ("batch-first", lambda: _batch_first(m, x, H)),
             ("state", lambda: _state(m, x, H, gen)),
             ("chunked calls", lambda: _chunked(m, x, gen)),
@@ -187,6 +190,14 @@ def _unknown_switch(name, switches, cls, H):
             require("no_such_switch" in str(e), f"refused without naming the switch: {e}")
         else:
             raise Violation("an unknown switch (no_such_switch=1) was accepted")
+
+
+def _finite(m, x):
+    out, state = m(x)
+    for what, t in (("output", out), *((f"state[{i}]", s) for i, s in enumerate(_flat(state)))):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            require(bool(torch.isfinite(t).all()), f"{what} holds NaN or inf on a standard normal batch "
+                    f"({int((~torch.isfinite(t)).sum())} of {t.numel()} values)")
 
 
 def _batch_first(m, x, H):
