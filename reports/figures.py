@@ -112,8 +112,11 @@ def style():
 
 def save(fig, folder: Path, stem: str) -> None:
     fig.tight_layout()
+    # the tight bbox holds what it always would (titles, labels) and the legends kept out of the layout
+    shown = fig.get_default_bbox_extra_artists() + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
     for fmt in FORMATS:
-        fig.savefig(folder / f"{stem}.{fmt}", format=fmt, metadata=METADATA[fmt], bbox_inches="tight")  # legends
+        fig.savefig(folder / f"{stem}.{fmt}", format=fmt, metadata=METADATA[fmt], bbox_inches="tight",
+                    bbox_extra_artists=shown)
     plt.close(fig)
 
 
@@ -158,8 +161,11 @@ class Painter:
         return fig, list(axes[0])
 
     def outside_legend(self, ax) -> None:
+        """The legend to the right of ``ax``, outside the layout: the saved image grows to hold it (``save``'s
+        tight bbox) rather than the panels shrinking to make room."""
         if ax.get_legend() is not None:
             sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), fontsize=7, title_fontsize=8, frameon=False)
+            ax.get_legend().set_in_layout(False)
 
     def finish(self, fig, axes, name: str, title: str, values=None, task: str | None = None) -> None:
         """Legend beside the last panel, log y when ``values`` call for it (:meth:`logy`), title, save."""
@@ -224,6 +230,10 @@ class Painter:
                 if text.get_text() in per_variant:
                     text.set_text(f"{text.get_text()} (n = {per_variant[text.get_text()]})")
 
+    def present(self, data: pd.DataFrame) -> list[str]:
+        """The variants ``data`` has rows of, in study order: a legend lists no variant the figure cannot show."""
+        return [v for v in self.order if v in set(data.variant)]
+
     @staticmethod
     def no_runs(ax, panel: pd.DataFrame) -> bool:
         """Say so on a panel with nothing to draw (a ladder value whose runs have not ended yet)."""
@@ -281,8 +291,12 @@ class Painter:
                     "difficulty curve; the summary and the objective figure show that one value")
         n = cells.set_index(["ladder_value", "variant"]).n
         fig, (left, right) = self.panels(2, width=4.2, sharey=False)
-        sns.lineplot(cells, x="ladder_value", y="success_rate", hue="variant", hue_order=self.order,
-                     palette=self.palette, marker="o", ax=left, errorbar=None, legend=False)
+        # rates coincide often (0 or 1 for every variant): a marker and dash pattern of each variant's own keep a
+        # line drawn under another visible
+        present = self.present(cells)
+        sns.lineplot(cells, x="ladder_value", y="success_rate", hue="variant", hue_order=present, style="variant",
+                     style_order=present, markers=True, dashes=True, palette=self.palette, ax=left, errorbar=None,
+                     legend=False, markersize=7, alpha=0.85)
         left.set(ylim=(-0.05, 1.05), xlabel=ladder, ylabel="success rate (fraction of seeds solved)")
         for v in self.order:
             g = cells[cells.variant == v]
@@ -387,8 +401,8 @@ class Painter:
             panel = curves[curves.ladder_value == value]
             if self.no_runs(ax, panel):
                 continue
-            sns.lineplot(panel, x="step", y="value", hue="variant", hue_order=self.order, palette=self.palette,
-                         estimator="median", errorbar=("pi", 50), ax=ax, legend=ax is axes[-1])
+            sns.lineplot(panel, x="step", y="value", hue="variant", hue_order=self.present(curves),
+                         palette=self.palette, estimator="median", errorbar=("pi", 50), ax=ax, legend=ax is axes[-1])
             drawn |= set(self.references(ax, task, value))
             ax.set(title=f"{ladder} = {value}", xlabel="training step", ylabel=f"held-out {self.metric}")
         n = curves.groupby(["ladder_value", "variant"]).run_id.nunique()
@@ -444,8 +458,8 @@ class Painter:
         drawn: set[str] = set()
         for ax, value in zip(axes, values):
             panel = data[data.ladder_value == value]
-            sns.scatterplot(panel, x="lr", y="objective", hue="variant", hue_order=self.order, palette=self.palette,
-                            ax=ax, s=30, alpha=0.8, legend=ax is axes[-1])
+            sns.scatterplot(panel, x="lr", y="objective", hue="variant", hue_order=self.present(data),
+                            palette=self.palette, ax=ax, s=30, alpha=0.8, legend=ax is axes[-1])
             drawn |= set(self.references(ax, task, value))
             ax.set_xscale("log")
             log_ticks(ax, data.lr)
@@ -466,7 +480,7 @@ class Painter:
         fig, axes = self.panels(2, width=4.0)
         for ax, (col, label) in zip(axes, cols.items()):
             data[label] = pd.to_numeric(data[col], errors="coerce")
-            sns.scatterplot(data, x=label, y="value", hue="variant", hue_order=self.order, palette=self.palette,
+            sns.scatterplot(data, x=label, y="value", hue="variant", hue_order=self.present(data), palette=self.palette,
                             style=ladder, ax=ax, s=40, alpha=0.8, legend=ax is axes[-1])
             ax.set(ylabel=f"final {self.metric}")
         self.finish(fig, axes, f"cost_{task}", f"{task}: cost against result", data.value)
@@ -490,7 +504,8 @@ class Painter:
             if self.no_runs(ax, medians[medians.ladder_value == value]):
                 continue
             sns.lineplot(medians[medians.ladder_value == value], x="lag", y="norm", hue="variant",
-                         hue_order=self.order, palette=self.palette, style="phase", style_order=["trained", "init"],
+                         hue_order=self.present(medians), palette=self.palette, style="phase",
+                         style_order=["trained", "init"],
                          errorbar=None, ax=ax, legend=ax is axes[-1])
             ax.set(title=f"{ladder} = {value}", xlabel="lag T-1-t (steps to the end)",
                    ylabel="‖∂ loss / ∂ h_t‖", yscale="log")

@@ -906,7 +906,8 @@ def _check_variants(spec: Spec, tasks: list[Task]) -> None:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")  # e.g. torch's note on dropout with one layer: trials show it
                         rnn = shapes_only(lambda: build_variant(v.variant, width, hidden, layers, dropout, **switches))
-                    if spec.model.match == "params" and (n := count_parameters(rnn) + (hidden + 1) * outputs) > 2 * budget:
+                    n = count_parameters(rnn) + (hidden + 1) * outputs
+                    if spec.model.match == "params" and n > 2 * budget:
                         raise SpecError(f"model.param_budget: {budget} is less than half the smallest {v.name!r} "
                                         f"(hidden_size {hidden}: {n} parameters with its head); raise the budget")
             except SpecError:

@@ -482,6 +482,32 @@ def test_a_ladder_value_without_curves_yet_is_a_panel_that_says_so(tmp_path):
     assert isinstance(out["learning"], Figure) and isinstance(out["gradient"], Figure)
 
 
+def test_legends_list_only_the_variants_a_figure_draws_and_stay_in_the_image(tmp_path, monkeypatch):
+    """A variant with no curves or gradients (every run failed before an evaluation) is no legend entry; a
+    legend beside the panels is not squeezed into the figure's width but saved with it."""
+    from reports import figures
+    t = synthetic(n=3, tasks=("adding",))
+    gone = t.results.run_id[t.results.variant == "bad"]
+    t.curves, t.grad_by_lag = t.curves[~t.curves.run_id.isin(gone)], t.grad_by_lag[~t.grad_by_lag.run_id.isin(gone)]
+    legends, saved = {}, figures.save
+
+    def keep(fig, folder, stem):
+        fig.canvas.draw()
+        legend = next((ax.get_legend() for ax in fig.axes if ax.get_legend() is not None), None)
+        if legend is not None:
+            legends[stem] = ([x.get_text() for x in legend.get_texts()], legend.get_in_layout(),
+                             legend.get_window_extent().x1 > fig.axes[-1].get_window_extent().x1)
+        saved(fig, folder, stem)
+    monkeypatch.setattr(figures, "save", keep)
+    draw_all(t, stats.cell_stats(stats.selected_runs(t.results)), tmp_path)
+    texts, in_layout, beside = legends["learning_adding"]
+    assert texts == ["lstm (n = 3)", "twin (n = 3)"] and not in_layout and beside
+    assert not any(x.startswith("bad") for x in legends["gradient_adding"][0])
+    with Image.open(tmp_path / "learning_adding.png") as png:  # the legend's width is in the saved image
+        width = png.size[0]
+    assert width > 150 * (3.4 * 2 + 0.6) * 0.9
+
+
 def test_figures_with_nothing_to_show_are_not_drawn(tmp_path):
     t = synthetic(n=3, tasks=("adding",))
     t.results = t.results[t.results.ladder_value == 10]  # one length: no difficulty curve
