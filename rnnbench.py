@@ -405,7 +405,13 @@ def status(spec, root, storage, overrides):
                                "add to them)")
         except ImportsChanged as e:  # the cells are the file's; only code they import moved: say so, and show them
             click.echo(f"note: {e}", err=True)
-    status_table(parsed, progress(parsed, optuna_storage))
+    rows = progress(parsed, optuna_storage)
+    status_table(parsed, rows)
+    beyond = max((r.search["counted"] for r in rows), default=0)
+    if beyond > parsed.trials:  # e.g. grown with --set trials=N, asked about without it
+        click.echo(f"note: the store holds up to {beyond} ended search trials per cell, more than the {parsed.trials} "
+                   "this study file asks for: give `status` the --set trials= the study was run with (the totals "
+                   "above count the file's)", err=True)
     stored = {n for n in names if n.startswith(f"{parsed.name}/")}
     named = {optuna_name(parsed, cell, "search") for cell in specs.cells(parsed)}
     missing, others = named - stored, {n for n in stored - named if not n.endswith("/replicates")}
