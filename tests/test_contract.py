@@ -329,6 +329,21 @@ def test_a_failed_import_is_one_line_naming_module_and_exception(registries, tmp
         import_user_modules(["missing.py"], tmp_path)
 
 
+def test_a_module_importing_its_neighbour_is_told_to_list_it(registries, tmp_path):
+    """Only listed modules are hashed into a study's definition: a neighbour found implicitly could change
+    unseen, so it must be listed, before the module that imports it."""
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "lab" / "base_cells.py").write_text("SCALE = 2\n")
+    (tmp_path / "lab" / "my_cells.py").write_text("from base_cells import SCALE\n")
+    with pytest.raises(UserModuleError) as e:
+        import_user_modules(["lab/my_cells.py"], tmp_path)
+    assert str(e.value) == ("lab/my_cells.py: imports 'base_cells' from its own folder: list base_cells.py too, "
+                            "before it (in the study file's imports, or a second --imports), so that an edit to it "
+                            "counts as a change of the study")
+    assert set(import_user_modules(["lab/base_cells.py", "lab/my_cells.py"], tmp_path)) == {"lab/base_cells.py",
+                                                                                            "lab/my_cells.py"}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # rnnbench check
 # ---------------------------------------------------------------------------------------------------------
