@@ -575,12 +575,13 @@ def dashboard(root, storage, tracking_uri, port, host, with_optuna, optuna_port,
         sys.exit(dash.serve(servers, click.echo))
 
 
-@cli.command("list")
-@click.argument("what", type=click.Choice(["variants", "tasks"]))
-@click.option("--imports", multiple=True, metavar="FILE|MODULE",
-              help="A Python file or dotted module to import first, as a study file's `imports:` (repeatable).")
-def list_(what, imports):
-    """List the variants or tasks a study file can name (with --imports: yours too)."""
+IMPORTS = click.option("--imports", multiple=True, metavar="FILE|MODULE",
+                       help="A Python file or dotted module to import first, as a study file's `imports:`, e.g. "
+                            "one that calls variants.register or tasks.register (repeatable).")
+
+
+def _import_user(imports) -> None:
+    """Import ``--imports`` (from the working directory); a failure is one line (with --debug, its traceback)."""
     from variants.imports import UserModuleError, import_user_modules
 
     try:
@@ -590,6 +591,14 @@ def list_(what, imports):
             import traceback
             traceback.print_exception(e.__cause__ or e, file=sys.stderr)
         raise UserError(f"--imports {e}") from None
+
+
+@cli.command("list")
+@click.argument("what", type=click.Choice(["variants", "tasks"]))
+@IMPORTS
+def list_(what, imports):
+    """List the variants or tasks a study file can name (with --imports: yours too)."""
+    _import_user(imports)
     if what == "variants":
         from variants import VARIANTS
         for v in VARIANTS.values():
@@ -603,11 +612,6 @@ def list_(what, imports):
 @cli.group()
 def check():
     """Check a variant or a task, yours too (--imports), against the interface studies rely on."""
-
-
-IMPORTS = click.option("--imports", multiple=True, metavar="FILE|MODULE",
-                       help="A Python file or dotted module to import first, e.g. one that calls variants.register "
-                            "or tasks.register (repeatable).")
 
 
 @check.command("variant")
@@ -647,10 +651,8 @@ def _check(kind, name, values, imports):
     from rich.table import Table
     from rich.text import Text
 
-    from variants.imports import UserModuleError, import_user_modules
-
+    _import_user(imports)
     try:
-        import_user_modules(imports, Path.cwd())
         # A mistyped switch or setting is the user's mistake, said in one line; the contracts check the refusals
         if kind == "variant":
             from variants import check_switches
@@ -661,7 +663,7 @@ def _check(kind, name, values, imports):
             from tasks.contract import check as contract
             build_task(name, **values)
         results = contract(name, **values)
-    except (UserModuleError, ValueError) as e:  # a failed import; an unknown variant or task, switch or setting
+    except ValueError as e:  # an unknown variant or task, switch or setting
         hint = " (your own? pass --imports FILE)" if str(e).startswith("unknown") and not imports else ""
         raise UserError(f"{e}{hint}") from None
     table = Table(title=f"{kind} {name}" + "".join(f" {k}={v!r}" for k, v in values.items()))
@@ -690,7 +692,8 @@ def _check(kind, name, values, imports):
                    "(B=64, T=100, hidden 32/64/128, --threads; more knobs: benchmarks/population.py).")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda[:N] or auto (on CUDA, nn.LSTM is cuDNN's).")
-def bench(names, batch, hidden, seq_len, input_size, threads, repeats, population, device):
+@IMPORTS
+def bench(names, batch, hidden, seq_len, input_size, threads, repeats, population, device, imports):
     """Forward and backward milliseconds per batch of every variant, and the ratio to torch.nn.LSTM
     measured in the same run (medians after warm-up)."""
     from studies.training import device_name
@@ -701,7 +704,8 @@ def bench(names, batch, hidden, seq_len, input_size, threads, repeats, populatio
 
         ctx = click.get_current_context()
         given = [f"--{option}" for option, param in [("variants", "names"), ("batch", "batch"), ("hidden", "hidden"),
-                                                     ("seq-len", "seq_len"), ("input-size", "input_size")]
+                                                     ("seq-len", "seq_len"), ("input-size", "input_size"),
+                                                     ("imports", "imports")]
                  if ctx.get_parameter_source(param) is click.core.ParameterSource.COMMANDLINE]
         if given:
             raise UserError(f"{', '.join(given)}: --population times fixed shapes (B=64, T=100, hidden 32/64/128, "
@@ -714,12 +718,14 @@ def bench(names, batch, hidden, seq_len, input_size, threads, repeats, populatio
         rows = benchmark_population(device=where, threads=threads, repeats=repeats)
         click.echo(format_population_table(rows))
         return
+    _import_user(imports)
     from variants import VARIANTS
     from variants.bench import benchmark, format_table
 
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
-        raise UserError(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+        raise UserError(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}"
+                        + ("" if imports else " (your own? pass --imports FILE)"))
     click.echo(f"B={batch} H={hidden} T={seq_len} input={input_size} threads={threads} device={device_name(where)}, "
                f"median of {repeats}")
     rows = benchmark(list(names) or None, batch=batch, hidden=hidden, seq_len=seq_len, threads=threads,

@@ -377,7 +377,7 @@ def test_check_command_fails_a_broken_cell_and_a_broken_import(tmp_path):
     proc = rnnbench("check", "variant", "x", "--imports", "typo.py", cwd=tmp_path, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: typo.py: AttributeError: module 'variants' has no attribute 'regster'"]
+        "error: --imports typo.py: AttributeError: module 'variants' has no attribute 'regster'"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -111,9 +112,23 @@ def test_bench_options_it_cannot_honour_are_one_line_errors():
     for args, said in ((["--device", "meta"], "error: --device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
                        (["--population", "--hidden", "64"], "error: --hidden: --population times fixed shapes"),
                        # a shape given on the command line is refused even at its default value
-                       (["--population", "--batch", "64"], "error: --batch: --population times fixed shapes")):
+                       (["--population", "--batch", "64"], "error: --batch: --population times fixed shapes"),
+                       (["--variants", "mingru"], "error: --variants: unknown mingru; known: rnn"),
+                       (["--imports", "no_such.py"], "error: --imports no_such.py: no such file")):
         result = CliRunner().invoke(cli, ["bench", *args])
         assert result.exit_code == 2 and result.output.startswith(said), result.output
+
+
+def test_bench_times_a_cell_of_yours(monkeypatch, registries):
+    from click.testing import CliRunner
+
+    from rnnbench import cli
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    result = CliRunner().invoke(cli, ["bench", "--imports", "examples/mingru.py", "--variants", "mingru", "--hidden",
+                                      "8", "--seq-len", "5", "--batch", "4", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split(" | ")[0].strip("| ") for line in result.output.splitlines() if line.startswith("| ")]
+    assert rows == ["variant", "torch.nn.LSTM", "mingru"], result.output
 
 
 def test_an_interrupted_plan_keeps_the_cells_it_measured(tmp_path, monkeypatch):
