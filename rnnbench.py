@@ -65,7 +65,8 @@ def user_errors(fn):
 
     Only the project's own error types, plain ``LookupError``, which reports/ raises for a study or saved
     report that is not there, an ``OSError`` saying a folder cannot be written (read-only, permission,
-    disk full, a file where a folder of its path should be), and MLflow's client giving up on a tracking server that does not answer. Anything else is
+    disk full, a file where a folder of its path should be), and MLflow's client giving up on a tracking
+    server that does not answer. Anything else is
     a bug: :class:`Cli` shows its traceback.
     """
     import functools
@@ -371,7 +372,7 @@ def status(spec, root, storage, overrides):
     """Trials finished/pruned/failed/running per cell, best objective, replication progress. SPEC: a study
     file or a shipped study's name, with the --set the study was run with."""
     from studies import spec as specs
-    from studies.queue import ImportsChanged, check_fingerprints, optuna_name, prepared_as_defined, progress
+    from studies.queue import check_fingerprints, ended_slots, optuna_name, prepared_as_defined, progress
     from studies.progress import status_table
 
     # Without torch where it can (its import is most of this command's time): the study file is checked in
@@ -399,15 +400,13 @@ def status(spec, root, storage, overrides):
     if not parsed.deep and not prepared_as_defined(parsed, optuna_storage):
         parsed, _, _ = specs.load(spec, overrides)
     if parsed.deep:  # reloaded, or a study file with imports (always loaded deeply): its cells as prepared?
-        try:
-            check_fingerprints(parsed, optuna_storage, "give `status` the study file and --set the study was run with",
-                               "the table counts the trials run with the earlier version (`rnnbench run` refuses to "
-                               "add to them)")
-        except ImportsChanged as e:  # the cells are the file's; only code they import moved: say so, and show them
-            click.echo(f"note: {e}", err=True)
+        # a cell whose only change is code it imports: the table counts the trials run with the earlier version
+        check_fingerprints(parsed, optuna_storage, "give `status` the study file and --set the study was run with",
+                           lambda what: click.echo(f"note: {what}; the table counts the trials run with the earlier "
+                                                   "version (`rnnbench run` refuses to add to them)", err=True))
     rows = progress(parsed, optuna_storage)
     status_table(parsed, rows)
-    beyond = max((r.search["counted"] for r in rows), default=0)
+    beyond = max((len(ended_slots(r.search_trials)) for r in rows), default=0)
     if beyond > parsed.trials:  # e.g. grown with --set trials=N, asked about without it
         click.echo(f"note: the store holds up to {beyond} ended search trials per cell, more than the {parsed.trials} "
                    "this study file asks for: give `status` the --set trials= the study was run with (the totals "

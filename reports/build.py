@@ -38,8 +38,9 @@ def build_report(tables: tbl.Tables, out: Path, reference: str | None = None, so
     an interrupted build (Ctrl-C, a failed figure) leaves the previous report whole.
     """
     reference = reference or tables.reference
-    if tables.variants and reference not in tables.variants:
-        raise LookupError(f"reference variant {reference!r} is not in the study (variants: {', '.join(tables.variants)})")
+    if tables.known_variants and reference not in tables.known_variants:
+        raise LookupError(f"reference variant {reference!r} is not in the study (variants: "
+                          f"{', '.join(tables.known_variants)})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-building-", dir=out.parent))

@@ -236,10 +236,23 @@ class Painter:
 
     @staticmethod
     def no_runs(ax, panel: pd.DataFrame) -> bool:
-        """Say so on a panel with nothing to draw (a ladder value whose runs have not ended yet)."""
+        """Say so on a panel with nothing to draw (a ladder value none of whose runs has got this far yet, or
+        ever: they failed first)."""
         if panel.empty:
-            ax.text(0.5, 0.5, "no run yet", transform=ax.transAxes, ha="center", va="center", color="0.4")
+            ax.text(0.5, 0.5, "no run to draw", transform=ax.transAxes, ha="center", va="center", color="0.4")
         return panel.empty
+
+    @staticmethod
+    def gather_legend(axes) -> None:
+        """One legend, on the last panel: the last drawn panel's (each drawn panel made one; an empty one none)."""
+        legends = [ax.get_legend() for ax in axes if ax.get_legend() is not None]
+        for old in legends[:-1]:
+            old.remove()
+        if legends and legends[-1].axes is not axes[-1]:
+            old = legends[-1]
+            axes[-1].legend(old.legend_handles, [t.get_text() for t in old.get_texts()],
+                            title=old.get_title().get_text() or None)
+            old.remove()
 
     def runs_word(self) -> str:
         return "replicate runs (seeds)" if self.unit == "replicate" else "complete search trials"
@@ -334,7 +347,8 @@ class Painter:
         save(fig, self.folder, f"difficulty_{task}")
         return Figure(f"difficulty_{task}", f"{task}: where each variant stops coping", (
             f"{task}, against {ladder}: left, the success rate per variant (the fraction of its "
-            f"{self.runs_word()} whose final eval met the task's solved criterion); right, the mean final "
+            f"{self.runs_word()} whose final eval met the task's solved criterion; each variant has a marker and "
+            f"dash pattern of its own, so lines that coincide stay visible, and its colour as on the right); right, the mean final "
             f"{self.metric} with its 95% Student-t interval. n in the legend: runs with a finite {self.metric} per "
             f"point ({span(n)}; a failed run also counts, as not solved, in the success rate)." + drawn))
 
@@ -399,12 +413,13 @@ class Painter:
         drawn: set[str] = set()
         for ax, value in zip(axes, values):
             panel = curves[curves.ladder_value == value]
+            ax.set(title=f"{ladder} = {value}", xlabel="training step", ylabel=f"held-out {self.metric}")
             if self.no_runs(ax, panel):
                 continue
             sns.lineplot(panel, x="step", y="value", hue="variant", hue_order=self.present(curves),
-                         palette=self.palette, estimator="median", errorbar=("pi", 50), ax=ax, legend=ax is axes[-1])
+                         palette=self.palette, estimator="median", errorbar=("pi", 50), ax=ax)
             drawn |= set(self.references(ax, task, value))
-            ax.set(title=f"{ladder} = {value}", xlabel="training step", ylabel=f"held-out {self.metric}")
+        self.gather_legend(axes)
         n = curves.groupby(["ladder_value", "variant"]).run_id.nunique()
         self.label_n(axes[-1], n)
         self.finish(fig, axes, f"learning_{task}", f"{task}: learning curves", curves.value, task)
@@ -435,7 +450,7 @@ class Painter:
         ax.set_title(f"{task}: importance (PED-ANOVA)")
         save(fig, self.folder, f"importance_{task}")
         n = imp.groupby("cell").n_trials.first()
-        notes = sorted(set(imp.note.dropna()) - {""})
+        notes = sorted({part for note in imp.note.dropna() for part in note.split("; ")} - {""})
         return Figure(f"importance_{task}", f"{task}: hyperparameter importance", (
             f"{task}: importance of each searched hyperparameter (columns) for each variant and {ladder} (rows), "
             f"by PED-ANOVA (optuna.importance.PedAnovaImportanceEvaluator, Optuna 5's default) over the cell's "
@@ -458,12 +473,15 @@ class Painter:
         drawn: set[str] = set()
         for ax, value in zip(axes, values):
             panel = data[data.ladder_value == value]
+            ax.set(title=f"{ladder} = {value}", xlabel="learning rate", ylabel=f"final {self.metric}")
+            if self.no_runs(ax, panel):
+                continue
             sns.scatterplot(panel, x="lr", y="objective", hue="variant", hue_order=self.present(data),
-                            palette=self.palette, ax=ax, s=30, alpha=0.8, legend=ax is axes[-1])
+                            palette=self.palette, ax=ax, s=30, alpha=0.8)
             drawn |= set(self.references(ax, task, value))
             ax.set_xscale("log")
             log_ticks(ax, data.lr)
-            ax.set(title=f"{ladder} = {value}", xlabel="learning rate", ylabel=f"final {self.metric}")
+        self.gather_legend(axes)
         self.finish(fig, axes, f"lr_{task}", f"{task}: learning-rate sensitivity", data.objective, task)
         return Figure(f"lr_{task}", f"{task}: learning-rate sensitivity", (
             f"{task}: final held-out {self.metric} of every complete search trial (one dot each, "
@@ -501,15 +519,16 @@ class Painter:
         values, ladder = self.values(task), self.ladder(task)
         fig, axes = self.panels(len(values))
         for ax, value in zip(axes, values):
+            ax.set(title=f"{ladder} = {value}", xlabel="lag T-1-t (steps to the end)",
+                   ylabel="‖∂ loss / ∂ h_t‖")
             if self.no_runs(ax, medians[medians.ladder_value == value]):
                 continue
             sns.lineplot(medians[medians.ladder_value == value], x="lag", y="norm", hue="variant",
                          hue_order=self.present(medians), palette=self.palette, style="phase",
-                         style_order=["trained", "init"],
-                         errorbar=None, ax=ax, legend=ax is axes[-1])
-            ax.set(title=f"{ladder} = {value}", xlabel="lag T-1-t (steps to the end)",
-                   ylabel="‖∂ loss / ∂ h_t‖", yscale="log")
+                         style_order=["trained", "init"], errorbar=None, ax=ax)
+            ax.set_yscale("log")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        self.gather_legend(axes)
         n = data.groupby(["ladder_value", "variant"]).run_id.nunique()
         self.label_n(axes[-1], n)
         self.finish(fig, axes, f"gradient_{task}", f"{task}: gradient reaching each step")

@@ -139,7 +139,8 @@ def _without_best(summ: pd.DataFrame) -> list[tuple[str, str]]:
 def stats_view(vs: pd.DataFrame) -> pd.DataFrame:
     size = {"capacity_value": "capacity"} if "capacity_value" in vs else {}
     cols = {"task": "task", "ladder_value": "ladder_value", **size, "variant": "variant", "n": "n", "n_ref": "n ref",
-            "failed": "failed", "failed_ref": "failed ref", "mean": "mean", "mean_ref": "mean ref", "diff": "diff", "better": "means", "t": "Welch t", "df": "df",
+            "failed": "failed", "failed_ref": "failed ref", "mean": "mean", "mean_ref": "mean ref", "diff": "diff",
+            "better": "means", "t": "Welch t", "df": "df",
             "p_welch": "p Welch", "p_welch_holm": "p Welch (Holm)", "hedges_g": "Hedges g",
             "success_rate": "success", "success_rate_ref": "success ref"}
     view = vs[list(cols)].rename(columns=cols)
@@ -163,7 +164,8 @@ def page(study: str, study_file: str, summ: pd.DataFrame, vs: pd.DataFrame, refe
                   "solved: runs that met the task's solved criterion, of all runs; the mean's 95% Student-t "
                   "interval and n, the runs it is computed from; '+ k failed': runs without a finite objective "
                   "(diverged or crashed), which the mean cannot include: a variant that lost runs is ranked on the "
-                  "ones that survived.</p>", _table(glance_view(summ, metric, direction))]
+                  "ones that survived (without replicate runs, the runs are complete search trials: the summary's "
+                  "fail trials column counts the failed ones).</p>", _table(glance_view(summ, metric, direction))]
         if unit == "search":
             parts.append("<p><b>This study has no replicate runs: each cell's runs are its complete search trials, "
                          "so the means, intervals and tests below span the searched configurations, not seeds."
@@ -204,9 +206,9 @@ def page(study: str, study_file: str, summ: pd.DataFrame, vs: pd.DataFrame, refe
               "every comparison of the study (the only test). diff = mean(variant) − "
               f"mean({e(reference)}); 'better'/'worse' compare the means in the objective's direction ('tie': "
               "equal), tested or not: with fewer than 2 runs on a side, or no variance at all, there is no test "
-              "(p blank); 'not compared': a side has no run with a finite objective. n: the runs with a finite objective; "
-              "failed: the runs without one, which the means and tests leave out (read a 'better' with its "
-              "failed count).</p>"]
+              "(p blank); 'not compared': a side has no run with a finite objective. n: the runs with a finite "
+              "objective; failed: the runs without one, which the means and tests leave out (read a 'better' "
+              "with its failed count).</p>"]
     if len(vs) and not (vs.n_ref > 0).any():
         with_runs = list(dict.fromkeys(summ.variant[summ.n > 0])) if "n" in summ else []
         parts.append(f"<p><b>The reference variant {e(reference)} has no run with a finite objective, so nothing "

@@ -192,15 +192,21 @@ def compare(a, b) -> dict[str, float]:
 # Tables of the report
 # --------------------------------------------------------------------------------------------------
 
+def failed(runs: pd.DataFrame) -> int:
+    """Runs of :func:`selected_runs` that ended without a finite objective (diverged or crashed): what n
+    leaves out, not runs still going."""
+    return int((runs.value.isna() & (runs.state != "RUNNING")).sum())
+
+
 def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
     """Per cell of :func:`selected_runs`: n (runs with a finite objective), mean objective and its
-    Student-t interval (:func:`mean_interval`), runs solved out of all runs, failed (runs without a finite
-    objective: diverged or crashed, left out of n), success rate."""
+    Student-t interval (:func:`mean_interval`), runs solved out of all runs, failed (:func:`failed`), success
+    rate."""
     rows, cell = [], cell_columns(runs)
     for key, g in runs.groupby(cell, sort=False):
         mean, low, high, n = mean_interval(g.value.dropna())
         rows.append(dict(zip(cell, key), n=n, mean=mean, ci_low=low, ci_high=high, solved=int(g.success.sum()),
-                         runs=len(g), failed=len(g) - n, success_rate=g.success.mean()))
+                         runs=len(g), failed=failed(g), success_rate=g.success.mean()))
     return pd.DataFrame(rows, columns=cell + ["n", "mean", "ci_low", "ci_high", "solved", "runs", "failed",
                                               "success_rate"])
 
@@ -221,8 +227,8 @@ def summary(tables: Tables) -> pd.DataFrame:
     out["best_trial"], out["best_search"] = best.trial.astype("Int64"), best.objective
     if "param.lr" in best:
         out["best_lr"] = best["param.lr"]
-    if "superseded" in results:  # ended runs of an earlier best, as `rnnbench status` counts them (not interrupted)
-        old = results.superseded.astype(bool) & (results.state != "INTERRUPTED")
+    if "superseded" in results:  # ended runs of an earlier best, as `rnnbench status` counts them
+        old = results.superseded.astype(bool) & ~results.state.isin(["INTERRUPTED", "RUNNING"])
         out["superseded"] = results[old].groupby(cell).size()
         out["superseded"] = out.superseded.fillna(0).astype(int)
     out = out.join(cell_stats(selected_runs(results, tables.unit)).set_index(cell), how="outer")
@@ -265,7 +271,7 @@ def versus_reference(tables: Tables, reference: str) -> pd.DataFrame:
             v = chosen.get((*key, variant), none)
             rows.append({**dict(zip(group, key)), "variant": variant, "reference": reference,
                          **compare(v.value.dropna(), ref.value.dropna()),
-                         "failed": int(v.value.isna().sum()), "failed_ref": int(ref.value.isna().sum()),
+                         "failed": failed(v), "failed_ref": failed(ref),
                          "success_rate": v.success.mean(), "success_rate_ref": ref.success.mean()})
     cols = group + ["variant", "reference", "n", "n_ref", "failed", "failed_ref", "mean", "mean_ref", "diff", "t", "df",
                     "p_welch", "p_welch_holm", "significant", "better", "hedges_g", "success_rate", "success_rate_ref"]

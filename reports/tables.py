@@ -80,13 +80,18 @@ class Tables:
 
     @property
     def reference(self) -> str | None:
-        """The study file's reference variant (its ``reference``, else lstm, else the first variant), among the
-        variants present, or before any run is logged, among those the study file names."""
-        known = self.variants or self.collection.get("variant_order", [])
+        """The study file's reference variant (its ``reference``, else lstm, else the first variant), whether or
+        not it has runs yet (then nothing is compared, and the page says so)."""
+        known = self.known_variants
         ref = self.collection.get("reference")
         if ref in known:
             return ref
         return "lstm" if "lstm" in known else (known[0] if known else None)
+
+    @property
+    def known_variants(self) -> list[str]:
+        """The variants the study file names (in its order), with or without runs, and any other present."""
+        return list(dict.fromkeys([*self.collection.get("variant_order", []), *self.variants]))
 
 
 def package_versions(packages) -> dict[str, str]:

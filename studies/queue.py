@@ -446,16 +446,12 @@ class StudyChanged(RuntimeError):
     """A study file defines a cell differently from the one its trials were run with."""
 
 
-class ImportsChanged(StudyChanged):
-    """A module the study file imports changed since the cells were prepared; the study file did not."""
-
-
 def check_fingerprints(spec: Spec, storage, action: str = "give workers the launcher's study file",
-                       imports_action: str | None = None) -> bool:
+                       on_edited_import: Callable[[str], None] | None = None) -> bool:
     """Raise :class:`StudyChanged` if any prepared cell was prepared from another definition (task
-    settings, search space, budget, model and switches, sampler, pruner, generation, objective, seed), or
-    :class:`ImportsChanged` (saying ``imports_action``, default ``action``) if only an imported module
-    differs; False while some cell is not prepared yet."""
+    settings, search space, budget, model and switches, sampler, pruner, generation, objective, seed, or a
+    module it imports); False while some cell is not prepared yet. ``on_edited_import(what)``, if given, is
+    told instead of a cell whose only change is an edited module (its study file definition is the same)."""
     prepared = True
     for cell in cells(spec):
         try:
@@ -468,9 +464,12 @@ def check_fingerprints(spec: Spec, storage, action: str = "give workers the laun
             then, now = attrs.get("imports"), cell_imports(spec, cell)
             edited = sorted(k for k in {*(then or {}), *now} if (then or {}).get(k) != now.get(k))
             said = f"study {spec.name!r}, cell {cell.key}: "
-            if then is not None and edited:
-                raise ImportsChanged(f"{said}{', '.join(edited)} (imported by the study file) changed since the "
-                                     f"study was prepared; {imports_action or action}")
+            if then is not None and edited and stored == cell_fingerprint(spec, cell, imports=then):
+                what = f"{said}{', '.join(edited)} (imported by the study file) changed since the study was prepared"
+                if on_edited_import is None:
+                    raise StudyChanged(f"{what}; {action}")
+                on_edited_import(what)
+                continue
             raise StudyChanged(f"{said}the study file changed this cell's definition (task settings, search space, "
                                "budget, model or switches, sampler, pruner, generation, objective or seed, or a module "
                                f"it imports) since the study was prepared; {action}")

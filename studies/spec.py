@@ -440,8 +440,9 @@ def cells(spec: Spec) -> list[Cell]:
     return out
 
 
-def cell_fingerprint(spec: Spec, cell: Cell) -> str:
-    """Hash of everything that determines a cell's trials (not the trial count or replicate count)."""
+def cell_fingerprint(spec: Spec, cell: Cell, imports: dict[str, str] | None = None) -> str:
+    """Hash of everything that determines a cell's trials (not the trial count or replicate count);
+    ``imports``: the hashes of its imported modules in place of the files' now (those it was prepared with)."""
     payload = {"task": cell.task, "settings": cell.settings, "variant": cell.variant.model_dump(),
                "space": {k: p.model_dump() for k, p in cell.search_space},
                **spec.model_dump(include={"seed", "model", "train", "sampler", "pruner", "objective", "generation"})}
@@ -450,7 +451,7 @@ def cell_fingerprint(spec: Spec, cell: Cell) -> str:
         if payload["train"][name] == Train.model_fields[name].default:
             del payload["train"][name]
     del payload["train"]["population"]  # how replicates are executed, not what they compute
-    imports = cell_imports(spec, cell)
+    imports = cell_imports(spec, cell) if imports is None else imports
     if imports:  # an edited cell or task is a changed cell
         payload["imports"] = imports
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -337,7 +337,7 @@ def test_a_module_importing_its_neighbour_is_told_to_list_it(registries, tmp_pat
     (tmp_path / "lab" / "my_cells.py").write_text("from base_cells import SCALE\n")
     with pytest.raises(UserModuleError) as e:
         import_user_modules(["lab/my_cells.py"], tmp_path)
-    assert str(e.value) == ("lab/my_cells.py: imports 'base_cells' from its own folder: list base_cells.py too, "
+    assert str(e.value) == ("lab/my_cells.py: imports 'base_cells' from its own folder: list lab/base_cells.py too, "
                             "before it (in the study file's imports, or a second --imports), so that an edit to it "
                             "counts as a change of the study")
     assert set(import_user_modules(["lab/base_cells.py", "lab/my_cells.py"], tmp_path)) == {"lab/base_cells.py",

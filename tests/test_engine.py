@@ -458,8 +458,6 @@ def test_a_seconds_budget_trains_every_run_on_its_own_clock(tmp_path):
     rnnbench("run", spec_path, "--root", tmp_path / "runs")
     runs = assert_consistent(tmp_path / "runs", spec_path, "clock", trials=1)
     assert len(runs) == 4 and not any("rnnbench.population" in r.data.tags for r in runs)
-    steps = [r.data.metrics["steps_done"] for r in runs]
-    assert min(steps) > 0.5 * max(steps), steps  # about equal budgets (wall time: not more exact than that)
 
 
 def test_run_names_lead_with_what_differs(tiny_study):

@@ -505,7 +505,8 @@ def test_an_override_reaches_a_searched_switch(tmp_path):
     spec = specs.load(path, ["search_space.switches.forget_bias.high=3"])[0]
     assert spec.search_space["switches.forget_bias"].high == 3 and spec.search_space["switches.forget_bias"].low == 0
     spec = specs.load(path, ["variants[0]={variant: peephole, search_space: {switches.forget_bias: "
-                             "{type: float, low: 1, high: 2}}}", "variants[0].search_space.switches.forget_bias.low=0.5"])[0]
+                             "{type: float, low: 1, high: 2}}}",
+                             "variants[0].search_space.switches.forget_bias.low=0.5"])[0]
     assert spec.variants[0].search_space["switches.forget_bias"].low == 0.5
 
 

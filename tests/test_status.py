@@ -269,7 +269,7 @@ def test_status_without_the_runs_set_notes_the_cells_the_store_holds_instead(tmp
     assert proc.returncode == 0 and "note: 2 of this file's cells are not in the store, which holds 6 other " \
         "cell(s) of study tiny: give `status` the --set the study was run with" in proc.stderr, proc.stderr
     assert "note:" not in rnnbench("status", path, "--root", root).stderr  # every cell there: nothing to note
-    # run with --set trials=3, asked about with the file's 2: the rows show 3, the totals count 2; said so
+    # two trials per cell in the store, asked about with --set trials=1: the rows show 2, the totals count 1
     proc = rnnbench("status", path, "--root", root, "--set", "trials=1")
     assert proc.stderr == ("note: the store holds up to 2 ended search trials per cell, more than the 1 this study "
                            "file asks for: give `status` the --set trials= the study was run with (the totals above "

@@ -111,12 +111,15 @@ def build_variant(name: str, input_size: int, hidden_size: int, num_layers: int 
 
 def shapes_only(build: Callable[[], Any]) -> Any:
     """``build()`` for its shapes only: on the meta device (no memory, no init cost), or on the CPU where the
-    constructor reads a value, which meta tensors lack (a cell of yours that scales its weights by
-    ``.item()``). A constructor's ValueError or TypeError (a size or switch it refuses) is raised as it is."""
+    constructor cannot run there, as one reading a value, which meta tensors lack (a cell of yours that scales
+    its weights by ``.item()`` or through NumPy). A ValueError (a size it refuses) is raised as it is; any other
+    error is the CPU build's own."""
     try:
         with torch.device("meta"):
             return build()
-    except (RuntimeError, NotImplementedError):
+    except ValueError:
+        raise
+    except Exception:  # noqa: BLE001 - tried again where tensors hold values: the CPU says what is wrong, if anything
         with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
             return build()
 

@@ -76,9 +76,10 @@ def _import_file(path: Path, entry: str) -> ModuleType:
     except Exception as e:
         del sys.modules[name]
         sibling = path.parent / f"{getattr(e, 'name', None) or ''}.py"
-        if isinstance(e, ModuleNotFoundError) and sibling.is_file():  # not found on sys.path: by design, see below
+        if isinstance(e, ModuleNotFoundError) and sibling.is_file():  # its folder is not put on sys.path: only
+            listed = (Path(entry).parent / sibling.name).as_posix()     # listed modules are hashed into a study
             raise UserModuleError(
-                f"{entry}: imports {e.name!r} from its own folder: list {sibling.name} too, before it (in the study "
+                f"{entry}: imports {e.name!r} from its own folder: list {listed} too, before it (in the study "
                 f"file's imports, or a second --imports), so that an edit to it counts as a change of the study"
             ) from e
         raise _fail(entry, e) from e
