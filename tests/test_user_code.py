@@ -108,7 +108,7 @@ def test_status_shows_a_study_whose_imported_cell_was_edited_with_a_note(tmp_pat
     (tmp_path / "my_cell_st.py").write_text((EXAMPLES / "mingru.py").read_text().replace('"mingru"', '"my_cell_st"'))
     study = tmp_path / "s.yaml"
     study.write_text("name: t\nimports: [my_cell_st.py]\ntasks: [{task: adding, seq_len: 8}]\n"
-                     "variants: [lstm, my_cell_st]\ntrials: 2\n")
+                     "variants: [my_cell_st, lstm]\ntrials: 2\n")  # the edited cell is checked first
     (tmp_path / "runs").mkdir()
     journal = JournalFileBackend(str(tmp_path / "runs" / "optuna.journal"))
     queue.prepare_studies(specs.load(study)[0], JournalStorage(journal))
@@ -118,6 +118,10 @@ def test_status_shows_a_study_whose_imported_cell_was_edited_with_a_note(tmp_pat
                            "file) changed since the study was prepared; the table counts the trials run with the "
                            "earlier version (`rnnbench run` refuses to add to them)\n"), proc.stderr
     assert "adding(seq_len=8)/my_cell_st" in proc.stdout and "0/14 trials ended" in proc.stdout, proc.stdout
+    # the module and the cell's definition changed: not a note, the refusal any changed definition gets
+    proc = rnnbench("status", study, "--root", tmp_path / "runs", "--set", "train.steps=7", check=False)
+    assert proc.returncode == 2 and "cell adding(seq_len=8)/my_cell_st: the study file changed this cell's " \
+        "definition" in proc.stderr and "note:" not in proc.stderr, proc.stderr
 
 
 def _cell(name: str, forward: str) -> str:
