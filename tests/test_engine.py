@@ -440,24 +440,25 @@ def test_replicates_trained_as_a_population_match_runs_alone(tmp_path):
         assert (group is not None) == (key[1] == "replicate")  # replicates trained together, tagged so
 
 
-def test_a_seconds_budget_trains_every_run_on_its_own_clock(tmp_path):
+@pytest.mark.parametrize("budget, pooled", [("steps: 30", 16), ("seconds: 0.5", 1), ("{steps: 30, seconds: 9}", 1)])
+def test_a_seconds_budget_trains_every_run_on_its_own_clock(tmp_path, budget, pooled):
     """Members of a population share one wall clock: under `train.seconds` each would get a fraction of the
-    budget that a run trained alone gets, so `auto` (which would pool these peephole replicates) trains them
-    one by one."""
-    spec_path = write_spec(tmp_path, """\
+    budget that a run trained alone gets, so a worker trains these peephole replicates (which `auto` pools
+    under a steps budget) one by one."""
+    from types import SimpleNamespace
+
+    from studies.worker import Worker
+    train = budget if budget.startswith("{") else "{" + budget + "}"
+    spec, _, _ = specs.load(write_spec(tmp_path, f"""\
         name: clock
-        tasks: [{task: adding, seq_len: 8}]
+        tasks: [{{task: adding, seq_len: 8}}]
         variants: [peephole]
-        model: {hidden_size: 8}
-        train: {steps: null, seconds: 0.5, eval_every: 10, eval_size: 32, batch_size: 8}
-        search_space: {lr: {type: categorical, choices: [0.01]}}
-        sampler: grid
-        trials: 1
-        replicates: 3
-        """)
-    rnnbench("run", spec_path, "--root", tmp_path / "runs")
-    runs = assert_consistent(tmp_path / "runs", spec_path, "clock", trials=1)
-    assert len(runs) == 4 and not any("rnnbench.population" in r.data.tags for r in runs)
+        model: {{hidden_size: 8}}
+        train: {train}
+        """))
+    cell = specs.cells(spec)[0]
+    job = SimpleNamespace(cell=cell, kind="replicate", trial=optuna.trial.FixedTrial({}))
+    assert Worker.population_size(SimpleNamespace(spec=spec, device="cpu"), job) == pooled
 
 
 def test_run_names_lead_with_what_differs(tiny_study):
