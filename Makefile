@@ -25,7 +25,7 @@ quickstart: $(STAMP)
 	@echo "Report:    $(ROOT)/reports/quickstart/index.html"
 	@echo "Dashboard: $(BIN)/rnnbench dashboard --root $(ROOT)   (then open http://127.0.0.1:5000)"
 
-# The suite in TEST_JOBS processes (pytest-xdist), a test file per process at a time: 8.0-8.7 min on 2 cores (CI).
+# The suite in TEST_JOBS processes (pytest-xdist), a test file per process at a time: 8.0-9.5 min on 2 cores (CI).
 TEST_JOBS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_JOBS) --dist loadfile --durations=15
