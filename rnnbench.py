@@ -66,8 +66,7 @@ def user_errors(fn):
     Only the project's own error types, plain ``LookupError``, which reports/ raises for a study or saved
     report that is not there, an ``OSError`` saying a folder cannot be written (read-only, permission,
     disk full, a file where a folder of its path should be), and MLflow's client giving up on a tracking
-    server that does not answer. Anything else is
-    a bug: :class:`Cli` shows its traceback.
+    server that does not answer. Anything else is a bug: :class:`Cli` shows its traceback.
     """
     import functools
 

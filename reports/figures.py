@@ -232,7 +232,8 @@ class Painter:
 
     def present(self, data: pd.DataFrame) -> list[str]:
         """The variants ``data`` has rows of, in study order: a legend lists no variant the figure cannot show."""
-        return [v for v in self.order if v in set(data.variant)]
+        drawn = set(data.variant)
+        return [v for v in self.order if v in drawn]
 
     @staticmethod
     def no_runs(ax, panel: pd.DataFrame) -> bool:
@@ -348,7 +349,8 @@ class Painter:
         return Figure(f"difficulty_{task}", f"{task}: where each variant stops coping", (
             f"{task}, against {ladder}: left, the success rate per variant (the fraction of its "
             f"{self.runs_word()} whose final eval met the task's solved criterion; each variant has a marker and "
-            f"dash pattern of its own, so lines that coincide stay visible, and its colour as on the right); right, the mean final "
+            f"dash pattern of its own, so lines that coincide stay visible, and its colour as on the right); right, "
+            f"the mean final "
             f"{self.metric} with its 95% Student-t interval. n in the legend: runs with a finite {self.metric} per "
             f"point ({span(n)}; a failed run also counts, as not solved, in the success rate)." + drawn))
 

@@ -907,19 +907,22 @@ def _check_variants(spec: Spec, tasks: list[Task]) -> None:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")  # e.g. torch's note on dropout with one layer: trials show it
                         rnn = shapes_only(lambda: build_variant(v.variant, width, hidden, layers, dropout, **switches))
-                    n = count_parameters(rnn) + (hidden + 1) * outputs
-                    if spec.model.match == "params" and n > 2 * budget:
-                        raise SpecError(f"model.param_budget: {budget} is less than half the smallest {v.name!r} "
-                                        f"(hidden_size {hidden}: {n} parameters with its head); raise the budget")
+                    if spec.model.match == "params":  # a budget the smallest model overshoots
+                        n = count_parameters(rnn) + (hidden + 1) * outputs
+                        if n > 2 * budget:
+                            raise SpecError(f"model.param_budget: {budget} is less than half the smallest "
+                                            f"{v.name!r} (hidden_size {hidden}: {n} parameters with its head); "
+                                            "raise the budget")
             except SpecError:
                 raise
             except Exception as e:  # noqa: BLE001 - a refusal (ValueError, TypeError), or a user cell's own error
-                if not isinstance(e, (ValueError, TypeError)) and v.variant not in user:
+                refused = isinstance(e, (ValueError, TypeError))
+                if not refused and v.variant not in user:
                     raise  # a shipped variant that fails to build is a bug
                 width = source if hidden is None else f"hidden_size={hidden} from {source}"
                 field = f"variants[{i}].switches" if switches else f"variants[{i}]"
                 said = (str(e).strip().splitlines() or [""])[0]
-                if not isinstance(e, (ValueError, TypeError)):
+                if not refused:
                     said = f"variant {v.variant!r} fails to build: {type(e).__name__}: {said}"
                 raise SpecError(f"{field}: {said} ({width}, num_layers={layers}, dropout={dropout}{drew})") from None
 
@@ -932,8 +935,9 @@ def _check_user_variants(spec: Spec, tasks: list[Task]) -> None:
     from studies.training import rnn_input_size
     from variants import build_variant, hidden_for_param_budget
     shapes = sorted({(rnn_input_size(t), t.output_size) for t in tasks})
+    user = _user_variants(spec)
     for i, v in enumerate(spec.variants):
-        if v.variant not in _user_variants(spec):
+        if v.variant not in user:
             continue
         (hidden, _), (layers, _), (dropout, _) = (_drawn(spec, i, name)[0] for name in MODEL_PARAMS)
         budget = spec.model.capacities()[0].param_budget

@@ -240,6 +240,12 @@ def test_task_contract_reasons(registries):
         "declarations": "ladder 'length' is not a setting"}
 
 
+def test_the_settings_check_tries_each_nearby_value_once():
+    from tasks.contract import _others
+    assert _others(0.5) == [0.75, 0.25, 1.5, -0.5]  # (0.5 + 1) / 2 is 0.5 * 1.5: once
+    assert _others(2) == [3, 1, 4] and _others(0) == [1, -1, 2] and _others(True) == [False]
+
+
 def test_task_contract_reports_impossible_settings():
     results = check_task("adding", seq_len=1)
     assert [r.name for r in results] == ["settings"] and "adding.seq_len" in results[0].reason

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from variants import (VARIANTS, build_variant, check_switches, count_parameters, get_variant, register,
-                      hidden_for_param_budget)
+                      hidden_for_param_budget, shapes_only)
 from variants.bench import benchmark, format_table
 from variants.contract import assert_contract
 
@@ -754,3 +754,26 @@ def test_benchmark_rows_and_table():
     assert rows[0]["ratio_vs_lstm"] == 1.0 and rows[1]["params"] == rows[0]["params"]
     table = format_table(rows)
     assert table.count("\n") == 4 and "| clockwork |" in table
+
+
+def test_shapes_only_builds_on_meta_and_on_the_cpu_only_where_meta_cannot():
+    """A constructor that reads a value (meta tensors hold none) is built on the CPU, on a random stream of
+    its own; a size the constructor refuses (ValueError) is not tried again."""
+    assert shapes_only(lambda: nn.Linear(3, 3)).weight.is_meta
+    tries = []
+
+    def reads_a_value():
+        tries.append(1)
+        w = torch.randn(3, 3)
+        scale = w.abs().max().item()  # RuntimeError on meta
+        return nn.Linear(3, 3).requires_grad_(scale > 0)
+    before = torch.random.get_rng_state()
+    assert shapes_only(reads_a_value).weight.device.type == "cpu" and len(tries) == 2
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+    def refuses():
+        tries.append(1)
+        raise ValueError("hidden_size must be a multiple of 4")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        shapes_only(refuses)
+    assert len(tries) == 3
